@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random checkpoints written by HF transformers (the reference), and
+where ../shared lives. TRITON_INTERPRET must be set before any kernel is defined."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(os.environ.get("STEER_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+DATA_DIR = SHARED / "data"
+TOKENIZERS = SHARED / "tokenizers"
+REAL_MODELS = Path(os.environ.get("STEER_REAL_MODELS", "/tmp/models"))
+
+FAMILIES = {
+    # name: (model_type, config overrides)
+    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False, num_attention_heads=4, num_key_value_heads=4)),
+    "llama31": ("llama", dict(tie_word_embeddings=False, num_attention_heads=7, num_key_value_heads=1, head_dim=16,
+                              max_position_embeddings=128,
+                              rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                   low_freq_factor=1.0, high_freq_factor=4.0,
+                                                   original_max_position_embeddings=32))),
+    "llama-tied": ("llama", dict(tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2)),
+}
+
+
+def hf_model(family="qwen2-tied", seed=0, vocab_size=96, hidden_size=64, layers=2, intermediate_size=128, **kw):
+    """A tiny random HF model whose attention is sharp and logits O(1-10): default init gives
+    near-uniform attention, which would hide rope and GQA mistakes."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    model_type, overrides = FAMILIES[family]
+    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if model_type == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    args = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                intermediate_size=intermediate_size, max_position_embeddings=256, rms_norm_eps=1e-6)
+    args.update(overrides)
+    args.update(kw)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**args)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(6.0)
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.mul_(15.0)
+    return model
+
+
+def write_checkpoint(folder, family="qwen2-tied", dtype=torch.float32, **kw) -> Path:
+    """Save a tiny HF model as config.json + model.safetensors; returns the folder."""
+    folder = Path(folder)
+    hf_model(family, **kw).to(dtype).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_qwen"), "qwen2-tied")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama31")
