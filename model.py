@@ -157,8 +157,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32, scale in the model dtype (as the reference does: it matters in bf16)
-        xf = x.float()
+        # normalise in fp32 (or fp64 for a float64 model: gradient checks), scale in the model
+        # dtype (as the reference does: it matters in bf16)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -252,10 +253,13 @@ class Transformer(nn.Module):
     # ---- steering files: safetensors with one tensor "steering" (L, d) + metadata ----
 
     def fingerprint(self) -> str:
-        """A short hash of the base weights' final norm, so a steering file knows its base model
-        whatever path or dtype it was loaded with (rounded to bf16 to be dtype-independent)."""
-        w = self.norm.weight.detach().to(torch.bfloat16).float().cpu().numpy().tobytes()
-        return hashlib.sha256(w).hexdigest()[:16]
+        """A short hash of the base weights (final norm and the first embedding rows), so a steering
+        file knows its base model whatever path or dtype it was loaded with (rounded to bf16 to be
+        dtype-independent). The norm alone is not enough: freshly initialised norms are all ones."""
+        h = hashlib.sha256()
+        for w in (self.norm.weight, self.embed_tokens.weight[:16]):
+            h.update(w.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def save_steering(self, path, **metadata):
         from safetensors.torch import save_file
@@ -417,7 +421,8 @@ def chunked_logprobs(hidden, weight, targets, temperature=1.0, vocab_size=None, 
 
 
 def _logprobs(hidden, weight, targets, temperature):
-    logits = F.linear(hidden, weight).float() / temperature  # (n, V)
+    logits = F.linear(hidden, weight)  # (n, V), then at least fp32
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 

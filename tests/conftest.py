@@ -18,7 +18,8 @@ FAMILIES = {
     # name: (model_type, config overrides)
     "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2)),
     "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False, num_attention_heads=4, num_key_value_heads=4)),
-    "llama31": ("llama", dict(tie_word_embeddings=False, num_attention_heads=7, num_key_value_heads=1, head_dim=16,
+    "llama31": ("llama", dict(tie_word_embeddings=False, hidden_size=56, num_attention_heads=7, num_key_value_heads=1,
+                              head_dim=16,  # explicit, != hidden_size / heads (HF checks hidden % heads == 0)
                               max_position_embeddings=128,
                               rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
                                                    low_freq_factor=1.0, high_freq_factor=4.0,
@@ -41,8 +42,8 @@ def hf_model(family="qwen2-tied", seed=0, vocab_size=96, hidden_size=64, layers=
     model = model_cls(cfg_cls(**args)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(6.0)
+            if "q_proj" in name or "k_proj" in name:  # x14: entropy ~1 nat vs 3.6 uniform at T=100 (test_model)
+                p.mul_(14.0)
             elif "embed_tokens" in name or "lm_head" in name:
                 p.mul_(15.0)
     return model
