@@ -1,0 +1,559 @@
+"""Verifiable math reward: does the last \\boxed{} of a completion equal the reference answer?
+
+The RL signal of the paper: `correct` (1.0, or +1 in train.py) when the completion's final
+boxed answer is mathematically equal to the gold answer, else `wrong` (0.0, or -1).
+
+Completions are untrusted model output and arrive by the thousand per step, so the work is
+split in two:
+
+1. In the calling process, cheaply: extract the last box (linear time), then decide what a
+   string can decide - no box, normalised strings equal, two plain numbers (12, 0.5, \\frac34),
+   or an answer too long / too deeply nested to be a real one (math-verify's parser is
+   exponential in bracket depth). Most correct answers end here without any IPC.
+2. Everything else goes to math-verify (LaTeX -> sympy, then `verify(gold, pred)`, gold
+   first: it is not symmetric) in worker processes. math-verify's own time limit is
+   `signal.alarm`, which cannot interrupt C-level sympy work, only works in a main thread and
+   raises a BaseException, so it is switched off; the hard limit is that the parent kills a
+   worker whose current item runs past `timeout` seconds, scores the item wrong and hands
+   the rest of that worker's chunk to a fresh worker.
+
+`RewardPool` keeps the workers alive across calls (train.py creates one and reuses it every
+step); the module-level `score_batch` / `score` use a shared pool created on first need and
+shut down at exit.
+
+Security: model text is never evaluated as Python. Only math-verify's LaTeX extraction is
+used; its plain-expression extraction (`ExprExtractionConfig`) goes through sympy's
+`parse_expr`, which calls `eval`, so it is deliberately left out.
+"""
+import argparse
+import atexit
+import ctypes
+import gzip
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+import re
+import signal
+import sys
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from fractions import Fraction
+from multiprocessing.connection import wait
+from pathlib import Path
+
+# Imported here, not in the workers: the import takes 1-2 s and forked workers inherit it.
+from math_verify import LatexExtractionConfig, parse, verify
+from sympy import Basic, Integer, MatrixBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 5.0  # s per item; legitimate answers verify in < 0.1 s, math-verify's own default is 5 s
+MAX_ANSWER_CHARS = 1000  # longest gold in ../shared/data is 210 characters
+MAX_ANSWER_DEPTH = 10  # deepest gold nests brackets 4 levels; parsing depth 10 already takes ~0.5 s
+CACHE_SIZE = 1 << 16  # (prediction, gold) verdicts remembered by a pool
+
+# -----------------------------------------------------------------------------
+# extracting the final answer
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} or \\fbox{...} in `text` (nested braces balanced),
+    `\\boxed 5` without braces gives "5"; None when there is no box, the box is empty or its
+    braces never close. Linear in len(text): one backwards search plus one brace scan."""
+    boxed, fbox = text.rfind("\\boxed"), text.rfind("\\fbox")
+    while True:
+        start = max(boxed, fbox)
+        if start < 0:
+            return None
+        pos = start + (6 if start == boxed else 5)
+        if pos < len(text) and text[pos].isalpha():  # \boxedsomething is another macro: look further back
+            if start == boxed:  # search on from here only, so each macro's rfind scans the text once
+                boxed = text.rfind("\\boxed", 0, start)
+            else:
+                fbox = text.rfind("\\fbox", 0, start)
+            continue
+        break
+    rest = text[pos:].lstrip()
+    if not rest.startswith("{"):  # `\boxed 5`: the argument is a single token
+        content = re.match(r"[^\s$}]*", rest).group()
+        return content or None
+    depth = 0
+    for m in re.finditer(r"[{}]", rest):
+        depth += 1 if m.group() == "{" else -1
+        if depth == 0:
+            return rest[1:m.start()] or None
+    return None  # unbalanced: the answer never ended
+
+
+# -----------------------------------------------------------------------------
+# the cheap decisions, made in the calling process
+
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}")
+_SIZING = re.compile(r"\\(?:left|right)(?![a-zA-Z])|\\[!,;: ]|\$|\s")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+")
+_INTEGER = re.compile(r"-?\d{1,50}")
+_NUMBER = re.compile(r"""(-?)(?:
+    (\d{0,50}\.\d{1,50})                             # 0.5, .5
+  | (\d{1,50})(?:/(\d{1,50}))?                       # 12, 3/4
+  | \\frac(?:\{(\d{1,50})\}\{(\d{1,50})\}|(\d)(\d))  # \frac{3}{4}, \frac34
+)""", re.VERBOSE)
+
+
+def normalize(s: str) -> str:
+    """A canonical string for the cheap equality test. Every rewrite keeps the meaning, so
+    equal normalised strings are equal answers (the converse is math-verify's job)."""
+    s = _TEXT_WRAP.sub(r"\1", s)
+    s = _SIZING.sub("", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    return s
+
+
+def _number(s: str) -> Fraction | None:
+    """The exact value of a normalised plain number: 12, -0.5, .5, 3/4, \\frac{3}{4}, \\frac34."""
+    m = _NUMBER.fullmatch(s)
+    if m is None:
+        return None
+    sign, decimal, num, den, fnum, fden, dnum, dden = m.groups()
+    try:
+        value = Fraction(decimal) if decimal else Fraction(int(num or fnum or dnum), int(den or fden or dden or 1))
+    except ZeroDivisionError:
+        return None
+    return -value if sign else value
+
+
+def _depth(s: str) -> int:
+    depth = deepest = 0
+    for c in s:
+        if c in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]}":
+            depth -= 1
+    return deepest
+
+
+def decide_cheap(pred: str | None, answer: str) -> tuple[bool | None, str]:
+    """(verdict, reason) for what a string comparison settles; verdict None means "ask
+    math-verify". `pred` is the extracted box."""
+    if pred is None:
+        return False, "no_box"
+    p, g = normalize(pred), normalize(answer)
+    if not p or not g:
+        return False, "empty"
+    if p == g:
+        return True, "string_match"
+    a, b = _number(p), _number(g)
+    if a is not None and b is not None:
+        if a == b:  # AIME's "025" equals 25, 0.5 equals \frac12
+            return True, "numbers"
+        # math-verify compares decimals to 6 places: only values this far apart are surely unequal
+        if abs(a - b) > 1e-4 * max(1, abs(a), abs(b)):
+            return False, "numbers"
+    if len(pred) > MAX_ANSWER_CHARS or _depth(pred) > MAX_ANSWER_DEPTH:
+        return False, "implausible"
+    return None, "needs_verify"
+
+
+# -----------------------------------------------------------------------------
+# the math-verify side, run inside worker processes
+
+_LATEX_ONLY = [LatexExtractionConfig(boxed_match_priority=0)]  # no ExprExtractionConfig: it eval()s
+
+
+def _parse_box(s: str) -> list:
+    s = s.strip().rstrip(".")  # MATH golds like "30^\\circ." and "43_5." do not parse with the period
+    if _INTEGER.fullmatch(s):  # the commonest answer; what math-verify returns, without its ~15 ms LaTeX parse
+        return [Integer(int(s)), s]
+    # parsing_timeout=None: no signal.alarm; the parent's kill is the time limit
+    return parse("\\boxed{" + s + "}", extraction_config=_LATEX_ONLY, parsing_timeout=None)
+
+
+def judge(pred: str, answer: str, golds: dict) -> tuple[bool, bool]:
+    """(pred equals answer, gold parsed) by math-verify. `golds` caches parsed golds per answer.
+    A gold math-verify cannot turn into sympy falls back to the normalised string comparison.
+    Module-level so tests can monkeypatch it (forked workers see the patched version)."""
+    if answer not in golds:
+        if len(golds) > 4096:
+            golds.clear()
+        golds[answer] = _parse_box(answer)
+    gold = golds[answer]
+    if not any(isinstance(g, (Basic, MatrixBase)) for g in gold):
+        return normalize(pred) == normalize(answer), False
+    return bool(verify(gold, _parse_box(pred), timeout_seconds=None)), True
+
+
+def _die_with_parent():
+    """Ask Linux to SIGKILL this worker when its parent dies, so that a parent killed mid-step
+    leaves no busy worker behind (idle ones exit on EOF anyway). The signal follows the
+    *thread* that forked: create pools from a long-lived thread (normally the main one)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _worker_main(conn, parent_end):
+    parent_end.close()  # our copy of the parent's end would keep EOF from ever arriving
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent()
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warning, per-item debug noise
+    golds = {}
+    try:
+        while (chunk := conn.recv()) is not None:
+            for pred, answer in chunk:  # one reply per item: the parent times each item separately
+                try:
+                    verdict = judge(pred, answer, golds)
+                except Exception:  # math-verify returns False on its own errors; this is sympy's or ours
+                    verdict = (False, True)
+                conn.send(verdict)
+    except (EOFError, OSError):  # the parent is gone
+        return
+
+
+# -----------------------------------------------------------------------------
+# the pool
+
+
+@dataclass
+class _Worker:
+    proc: mp.process.BaseProcess
+    conn: object  # multiprocessing Connection, parent's end
+    chunk: deque = field(default_factory=deque)  # (pred, answer) keys sent, not yet answered
+    started: float = 0.0  # when chunk[0] began, as seen by us: never before it really did, so no early kill
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class RewardPool:
+    """Persistent math-verify worker processes with a hard per-item time limit.
+
+        with RewardPool(workers=2) as pool:
+            rewards = pool.score_batch(completions, answers, correct=1.0, wrong=-1.0)
+
+    Start method: "fork" on Linux. Measured by `python reward.py --bench` (2 workers, until
+    each has verified one item): fork 0.34 s, forkserver 1.4 s, spawn 1.6 s, because forked
+    workers inherit the imported math_verify while the others re-import it, and re-run the
+    caller's main module (train.py: torch and all), in every new worker, replacements after
+    a kill included. Workers never touch torch, so forking a process that imported torch is
+    safe; still, create the pool early (`RewardPool(...).start()` before CUDA and thread pools
+    start) so that it forks a small single-threaded process, and reuse it every step: workers
+    also get ~2x faster over their first few hundred items as math-verify's ANTLR parser
+    caches its decisions. Not thread-safe: one caller at a time.
+
+    A prediction that once ran past the limit scores `wrong` against any answer from then on
+    (remembered per pool), so a repeated pathological answer hangs a worker only once.
+    """
+
+    def __init__(self, workers: int | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 start_method: str | None = None, max_chunk: int = 32):
+        self.workers = workers or default_workers()
+        self.timeout = timeout
+        self.max_chunk = max_chunk
+        self.ctx = mp.get_context(start_method or ("fork" if sys.platform.startswith("linux") else "spawn"))
+        self.stats = Counter()  # reasons, cache hits, timeouts, crashes, gold_unparsed: for train.py's logs
+        self._verdicts = OrderedDict()  # (pred, answer) -> bool, LRU
+        self._timed_out = OrderedDict()  # preds that once ran past the limit -> score wrong from then on
+        self._bad_golds = set()
+        self._owner = os.getpid()
+        self._pool: list[_Worker] = []  # started on first need, or by start()
+
+    def start(self) -> "RewardPool":
+        """Start the workers now (otherwise the first batch that needs math-verify does)."""
+        if os.getpid() != self._owner:
+            raise RuntimeError("RewardPool: used from a forked child; create a pool in this process")
+        while len(self._pool) < self.workers:
+            self._pool.append(self._spawn())
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _spawn(self) -> _Worker:
+        parent_end, child_end = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(child_end, parent_end), daemon=True,
+                                name="reward-worker")
+        proc.start()
+        child_end.close()
+        return _Worker(proc, parent_end)
+
+    def _kill(self, w: _Worker):
+        if w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join()
+        w.conn.close()
+
+    def close(self):
+        """Stop every worker (idle ones are asked, busy ones killed) and wait for them. The pool
+        stays usable: the next batch that needs math-verify starts new workers."""
+        if os.getpid() != self._owner:  # a forked child must not touch our workers
+            return
+        for w in self._pool:
+            if not w.chunk:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 1.0
+        for w in self._pool:
+            w.proc.join(max(0.0, deadline - time.monotonic()) if not w.chunk else 0)
+            self._kill(w)
+        self._pool = []
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._pool]
+
+    # -- scoring
+
+    def score_batch(self, completions: list[str], answers: list[str], correct: float = 1.0, wrong: float = 0.0,
+                    timeout: float | None = None) -> list[float]:
+        """One reward per completion: `correct` if its last box equals the answer, else `wrong`.
+        An item that runs past `timeout` seconds (default: the pool's) in math-verify is wrong."""
+        if len(completions) != len(answers):
+            raise ValueError(f"score_batch: {len(completions)} completions but {len(answers)} answers")
+        verdicts = [None] * len(completions)
+        todo = {}  # (pred, answer) -> indices waiting on it; identical pairs are verified once
+        for i, (text, answer) in enumerate(zip(completions, answers)):
+            if not isinstance(text, str) or not isinstance(answer, str):
+                raise TypeError(f"score_batch: item {i}: completion and answer must be str, got "
+                                f"{type(text).__name__} and {type(answer).__name__}")
+            pred = extract_boxed(text)
+            verdict, reason = decide_cheap(pred, answer)
+            if verdict is None and (pred, answer) in self._verdicts:
+                verdict, reason = self._verdicts[(pred, answer)], "cached"
+                self._verdicts.move_to_end((pred, answer))
+            self.stats[reason] += 1
+            if verdict is None:
+                todo.setdefault((pred, answer), []).append(i)
+            else:
+                verdicts[i] = verdict
+        if todo:
+            try:
+                found = self._run(list(todo), timeout or self.timeout)
+            except BaseException:  # KeyboardInterrupt included: leave no worker mid-item behind
+                self.close()
+                raise
+            for key, verdict in found.items():
+                for i in todo[key]:
+                    verdicts[i] = verdict
+        return [correct if v else wrong for v in verdicts]
+
+    def _run(self, keys: list, timeout: float) -> dict:
+        """Verify every (pred, answer) key in the workers; returns key -> bool."""
+        self.start()
+        # Identical predictions (against different answers) go in one chunk, never split: when
+        # one hangs, the rest of its chunk is dropped instead of each copy hanging a worker.
+        keys.sort()
+        size = max(1, min(self.max_chunk, -(-len(keys) // (4 * self.workers))))  # >= 4 chunks per worker
+        chunks = deque()
+        for key in keys:
+            if not chunks or (len(chunks[-1]) >= size and key[0] != chunks[-1][-1][0]):
+                chunks.append([])
+            chunks[-1].append(key)
+        found = {}
+
+        def respawn(w: _Worker) -> _Worker:
+            self._kill(w)
+            if w.chunk:
+                chunks.appendleft(list(w.chunk))  # what it had left goes first, to the fresh worker
+            fresh = self._spawn()
+            self._pool[self._pool.index(w)] = fresh
+            return fresh
+
+        def feed(w: _Worker):
+            while chunks and not w.chunk:
+                chunk = [k for k in chunks.popleft() if not self._known_to_hang(found, k)]
+                if chunk:
+                    w.chunk, w.started = deque(chunk), time.monotonic()
+                    try:
+                        w.conn.send(chunk)
+                    except OSError:  # it died while idle (OOM killer?): nothing of this chunk is to blame
+                        w = respawn(w)
+
+        def fail(w: _Worker, reason: str):
+            key = w.chunk.popleft()  # the item it was on scores wrong
+            self._record(found, key, False)
+            self.stats[reason] += 1
+            if reason == "timeouts":
+                self._timed_out[key[0]] = True
+                if len(self._timed_out) > CACHE_SIZE:
+                    self._timed_out.popitem(last=False)
+            log.warning("reward: %s on answer %r, prediction %.200r", reason[:-1], key[1], key[0])
+            feed(respawn(w))
+
+        for w in self._pool:
+            feed(w)
+        while any(w.chunk for w in self._pool):
+            busy = [w for w in self._pool if w.chunk]
+            next_deadline = min(w.started for w in busy) + timeout
+            ready = wait([w.conn for w in busy], timeout=max(0.0, next_deadline - time.monotonic()))
+            for w in busy:
+                if w.conn in ready:
+                    try:
+                        while w.chunk and w.conn.poll():
+                            ok, gold_parsed = w.conn.recv()
+                            key = w.chunk.popleft()
+                            w.started = time.monotonic()  # the next item began at the latest now
+                            self._record(found, key, ok)
+                            self.stats["verified"] += 1
+                            if not gold_parsed:
+                                self._gold_unparsed(key[1])
+                    except (EOFError, OSError):  # died under us (segfault, OOM killer)
+                        fail(w, "crashes")
+                        continue
+                if w.chunk and time.monotonic() - w.started > timeout:
+                    fail(w, "timeouts")
+            for w in self._pool:
+                feed(w)
+        return found
+
+    def _known_to_hang(self, found: dict, key) -> bool:
+        if key[0] not in self._timed_out:
+            return False
+        self._record(found, key, False)
+        self.stats["timed_out_before"] += 1
+        return True
+
+    def _record(self, found: dict, key, ok: bool):
+        found[key] = ok
+        self._verdicts[key] = ok
+        if len(self._verdicts) > CACHE_SIZE:
+            self._verdicts.popitem(last=False)
+
+    def _gold_unparsed(self, answer: str):
+        self.stats["gold_unparsed"] += 1
+        if answer not in self._bad_golds:
+            self._bad_golds.add(answer)
+            log.warning("reward: math-verify cannot parse gold answer %r; comparing normalised strings", answer)
+
+
+# -----------------------------------------------------------------------------
+# module-level API over a shared pool
+
+_shared: RewardPool | None = None
+
+
+def _shared_pool(workers: int | None) -> RewardPool:
+    """The process's pool; `workers` None or 0 takes whatever size it has (default on creation)."""
+    global _shared
+    if _shared is None or _shared._owner != os.getpid() or (workers and workers != _shared.workers):
+        if _shared is not None:
+            _shared.close()  # no-op in a forked child: those workers belong to the parent
+        _shared = RewardPool(workers)
+    return _shared
+
+
+@atexit.register
+def _close_shared_pool():
+    if _shared is not None:
+        _shared.close()
+
+
+def score_batch(completions: list[str], answers: list[str], correct: float = 1.0, wrong: float = 0.0,
+                workers: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[float]:
+    """`RewardPool.score_batch` on a pool shared by the process; its workers start the first
+    time an item needs math-verify and stop at exit."""
+    return _shared_pool(workers).score_batch(completions, answers, correct, wrong, timeout)
+
+
+def score(completion: str, answer: str, timeout: float = DEFAULT_TIMEOUT) -> float:
+    """1.0 if the last box of `completion` equals `answer`, else 0.0 (through the shared pool, so
+    a pathological completion still ends within `timeout`)."""
+    return score_batch([completion], [answer], timeout=timeout)[0]
+
+
+# -----------------------------------------------------------------------------
+# benchmark: python reward.py --bench [--data-dir DIR]
+
+def _adversarial(rng) -> list[str]:
+    junk = "".join(rng.choice("{}()[]^_\\$ abcx0123456789+-*/!") for _ in range(100_000))
+    return [
+        "\\boxed{" + "(" * 500 + "1" + ")" * 500 + "}",  # parser is exponential in depth
+        "The answer is \\boxed{9^{9^{9^{9}}}}",  # sympy evaluates the tower in C: only a kill stops it
+        "The answer is \\boxed{10^{10^{10}}!}",
+        junk,  # 100 KB, no box
+        "\\boxed{" + junk + "}",  # 100 KB in a box
+        "\\boxed{\\frac{1}{2" + "{" * 5000,  # never closes
+        "",
+    ]
+
+
+def bench(data_dir: Path, n: int, workers: int | None, timeout: float, seed: int):
+    path = data_dir / "math_train.jsonl.gz"
+    if not path.exists():
+        sys.exit(f"reward.py --bench: {path} not found; pass --data-dir or set STEER_DATA_DIR")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [r for r in map(json.loads, f) if r["answer"]]
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    rows, warm_rows = rows[:n], rows[n:2 * n]
+    solutions, answers = [r["solution"] for r in rows], [r["answer"] for r in rows]
+    others = answers[1:] + answers[:1]  # another problem's answer: mostly wrong, mostly reaches math-verify
+    adversarial = _adversarial(rng)
+    mixed = [adversarial[(i // 20) % len(adversarial)] if i % 20 == 0 else s for i, s in enumerate(solutions)]  # 5 %
+    workers = workers or default_workers()
+
+    print(f"worker start-up ({workers} workers, until each has verified one item):")
+    for method in ("fork", "forkserver", "spawn"):
+        t0 = time.perf_counter()
+        with RewardPool(workers, timeout, start_method=method) as pool:
+            pool.score_batch([f"\\boxed{{x+{i}}}" for i in range(workers)], ["y"] * workers)
+            print(f"  {method:10s} {time.perf_counter() - t0:6.2f} s")
+
+    def worker_cpu(pool) -> dict:  # pid -> CPU seconds: a figure that other load on the machine does not skew
+        return {pid: sum(map(int, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]))
+                / os.sysconf("SC_CLK_TCK") for pid in pool.pids()}
+
+    def run(pool, completions, golds):
+        t0 = time.perf_counter()
+        pool.score_batch(completions, golds)
+        return time.perf_counter() - t0
+
+    print(f"\nscore_batch on {n} MATH train completions, {workers} workers, timeout {timeout:g} s:")
+    print(f"  {'scenario':44s} {'to workers':>10s} {'timeouts':>8s} {'seconds':>8s} {'compl/s':>8s} "
+          f"{'worker CPU ms/item':>18s}")
+    took = {}
+    for name, completions, golds, warm in [
+        ("(a) reference solutions, own answers", solutions, answers, False),
+        ("(b) (a) + 5 % adversarial", mixed, answers, False),
+        ("(c) solutions vs another problem's answer", solutions, others, False),
+        (f"(c) warm workers (after {n} other items)", solutions, others, True),
+        ("(d) (c) + 5 % adversarial, warm", mixed, others, True),
+    ]:
+        with RewardPool(workers, timeout).start() as pool:
+            if warm:  # ANTLR's parser caches its decisions: a worker gets ~2x faster over its first items
+                run(pool, [r["solution"] for r in warm_rows], [r["answer"] for r in warm_rows[1:] + warm_rows[:1]])
+                pool.stats.clear()
+            cpu = worker_cpu(pool)
+            took[name[:3]] = seconds = run(pool, completions, golds)
+            cpu = sum(t - cpu.get(pid, 0.0) for pid, t in worker_cpu(pool).items())  # killed workers not counted
+            cpu *= 1000 / max(1, pool.stats["verified"])
+            print(f"  {name:44s} {pool.stats['verified'] + pool.stats['timeouts']:10d} "
+                  f"{pool.stats['timeouts']:8d} {seconds:8.2f} {n / seconds:8.0f} {cpu:18.1f}")
+    limit = took["(a)"] + 2 * timeout
+    print(f"\n(a) >= 300 completions/s: {'yes' if n / took['(a)'] >= 300 else 'NO'}; "
+          f"(b) {took['(b)']:.2f} s <= (a) + 2 x timeout = {limit:.2f} s: {'yes' if took['(b)'] <= limit else 'NO'}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bench", action="store_true", help="measure score_batch throughput and print a table")
+    shared_data = Path(__file__).resolve().parent.parent / "shared" / "data"
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("STEER_DATA_DIR") or shared_data),
+                        help="folder holding math_train.jsonl.gz (default: $STEER_DATA_DIR, else ../shared/data)")
+    parser.add_argument("--n", type=int, default=2048, help="completions per scenario (128 prompts x 16 rollouts)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs, at most 8)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="per-item limit in seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not args.bench:
+        parser.error("nothing to do: pass --bench")
+    logging.basicConfig(level=logging.ERROR)  # the timeouts of (b) are expected
+    bench(args.data_dir, args.n, args.workers, args.timeout, args.seed)
