@@ -1,0 +1,244 @@
+"""eval.py: metrics against hand-computed values, the evaluation core with a fake sampler and
+grader (known correctness patterns), setup/protocol resolution, and a run end to end on a
+tiny random model with the real Qwen2.5 tokenizer and 5 real MATH500 problems."""
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as ev
+from conftest import DATA_DIR, TOKENIZERS, write_checkpoint
+from model import Transformer
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def test_pass_at_1_and_avg_at_k_by_hand():
+    assert ev.pass_at_1([[1.0], [0.0], [1.0], [1.0]]) == 0.75
+    # per-problem means 1/2, 1, 1/4 -> 7/12 (not the 4/8 of pooling all samples)
+    assert ev.pass_at_1([[1, 0], [1, 1], [1, 0, 0, 0]]) == pytest.approx(7 / 12)
+    assert ev.avg_at_k([[1, 0, 0, 0], [1, 1, 1, 0]], k=4) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="exactly 4 samples"):
+        ev.avg_at_k([[1, 0, 0, 0], [1, 1]], k=4)
+    with pytest.raises(ValueError):
+        ev.pass_at_1([])
+    assert ev.metric_name(1) == "pass@1" and ev.metric_name(32) == "avg@32"
+
+
+def test_mean_std_is_the_sample_std():
+    mean, std = ev.mean_std([75.0, 25.0])
+    assert mean == 50.0 and std == pytest.approx(35.35534, rel=1e-6)  # population std would be 25
+    assert ev.mean_std([10.0, 20.0, 60.0]) == (30.0, pytest.approx(26.457513, rel=1e-6))
+    assert ev.mean_std([42.0]) == (42.0, 0.0)
+
+# -----------------------------------------------------------------------------
+# The core with fakes: problem "p" has a fixed correctness pattern per seed (call) and sample.
+
+
+@dataclass
+class FakeCompletion:
+    tokens: list
+    finish_reason: str = "stop"
+
+
+class FakeTokenizer:
+    stop_token_ids = [99]
+
+    def encode_prompt(self, problem):
+        return [int(problem)]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return f"so \\boxed{{{ids[0]}}}"
+
+
+class FakeSampler:
+    """Answers prompt p on its i-th call (= i-th seed) with PATTERN[p][i] (1 = correct)."""
+
+    def __init__(self, pattern):
+        self.pattern, self.calls, self.requests = pattern, {}, []
+
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed):
+        self.requests.append(dict(n=n, temperature=temperature, stop=list(stop_token_ids), seed=seed))
+        out = []
+        for (p,) in prompts:
+            i = self.calls.get(p, 0)
+            self.calls[p] = i + 1
+            row = self.pattern[p][i] if self.pattern[p] else [1] * n
+            assert len(row) == n
+            out.append([FakeCompletion([7 if c else 3]) for c in row])
+        return out
+
+
+def fake_grade(texts, answers):
+    return [float(t.endswith(f"\\boxed{{{a}}}")) for t, a in zip(texts, answers)]
+
+
+PATTERN = {0: [[1, 0], [0, 0]],  # seed 0: 1/2, seed 1: 0
+           1: [[1, 1], [1, 0]],  # seed 0: 1,   seed 1: 1/2
+           2: [[1, 1], [1, 1]]}  # the second benchmark: always right
+BENCHES = {"b1": [dict(id="a/0", problem="0", answer="7"), dict(id="a/1", problem="1", answer="7")],
+           "b2": [dict(id="b/0", problem="2", answer="7")]}
+
+
+def sampled_cfg(**kw):
+    return ev.apply_protocol(ev.EvalConfig(model="m", samples=2, seeds=2, temperature=1.0, batch_prompts=1, **kw))
+
+
+def test_core_metrics_end_to_end_with_fakes():
+    cfg = sampled_cfg()
+    setup = ev.make_setups(replace(cfg, base=False, steering=__file__))[0]
+    assert setup.seeds == [0, 1] and setup.temperature == 1.0
+    sampler = FakeSampler(PATTERN)
+    records = ev.evaluate_setup(sampler, FakeTokenizer(), setup, BENCHES, cfg, fake_grade)
+    assert len(records) == (2 + 1) * 2 * 2  # problems x seeds x samples
+    assert sorted({r["extracted"] for r in records}) == ["3", "7"]  # reward.extract_boxed on the decoded text
+    assert {req["stop"][0] for req in sampler.requests} == {99}
+    assert len({req["seed"] for req in sampler.requests}) == len(sampler.requests)  # every call its own stream
+
+    results = ev.summarize(records, [setup.name], ["b1", "b2"])[setup.name]
+    b1, b2 = results["benchmarks"]["b1"], results["benchmarks"]["b2"]
+    assert b1["per_seed"] == [75.0, 25.0] and b1["mean"] == 50.0 and b1["std"] == pytest.approx(35.3553, rel=1e-5)
+    assert b1["metric"] == "avg@2" and b1["problems"] == 2 and b1["seeds"] == [0, 1]
+    assert b2["per_seed"] == [100.0, 100.0] and b2["std"] == 0.0
+    assert results["avg"]["per_seed"] == [87.5, 62.5]
+    assert results["avg"]["mean"] == 75.0 and results["avg"]["std"] == pytest.approx(17.6777, rel=1e-5)
+
+    table = ev.markdown_table({setup.name: results}, [setup], ["b1", "b2"], "tiny")
+    assert "| 50.0 ± 35.4 | 100.0 ± 0.0 | 75.0 ± 17.7 |" in table
+
+
+def test_ranks_split_problems_and_agree_with_one_process():
+    cfg = sampled_cfg()
+    setup = ev.Setup("s", "s", 1.0, [0, 1])
+    single = ev.evaluate_setup(FakeSampler(PATTERN), FakeTokenizer(), setup, BENCHES, cfg, fake_grade)
+    parts = [ev.evaluate_setup(FakeSampler(PATTERN), FakeTokenizer(), setup, BENCHES, cfg, fake_grade, rank, 2)
+             for rank in range(2)]
+    assert {r["index"] for r in parts[0]} == {0} and {r["id"] for r in parts[1]} == {"a/1"}
+    merged = parts[0] + parts[1]
+    assert ev.summarize(merged, ["s"], ["b1", "b2"]) == ev.summarize(single, ["s"], ["b1", "b2"])
+
+
+def test_greedy_runs_once_with_one_sample():
+    cfg = ev.apply_protocol(ev.EvalConfig(model="m", samples=4, seeds=3, temperature=0.0))
+    setup = ev.make_setups(cfg)[0]
+    assert setup.name == "base" and setup.seeds == [0]
+    sampler = FakeSampler({0: [[1]], 1: [[0]], 2: [[1]]})
+    records = ev.evaluate_setup(sampler, FakeTokenizer(), setup, BENCHES, cfg, fake_grade)
+    assert [req["n"] for req in sampler.requests] == [1, 1] and {req["temperature"] for req in sampler.requests} == {0}
+    results = ev.summarize(records, ["base"], ["b1", "b2"])["base"]
+    assert results["benchmarks"]["b1"] == dict(metric="pass@1", problems=2, seeds=[0], per_seed=[50.0],
+                                               mean=50.0, std=0.0)
+    assert results["avg"]["mean"] == 75.0
+
+
+def test_setups_and_paper_protocol(tmp_path):
+    f1, f2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    f1.touch()
+    f2.touch()
+    paper = ev.apply_protocol(ev.EvalConfig(model="m", steering=f"{f1},{f2}", protocol="paper"))
+    assert paper.bench == "aime24,aime25,amc23,math500,minerva,olympiadbench" and paper.seeds == 3
+    setups = ev.make_setups(paper)
+    assert [s.steering for s in setups] == [None, str(f1), str(f2)]
+    assert [s.temperature for s in setups] == [0.0, 1.0, 1.0] and setups[1].seeds == [0, 1, 2]
+    assert [ev.samples_per_problem(paper, b, 1.0) for b in ("aime24", "aime25", "amc23", "math500")] == [32, 32, 32, 1]
+    assert ev.samples_per_problem(paper, "aime24", 0.0) == 1  # greedy: one sample stands for all
+    # 'none' names the base row explicitly; --no-base drops it
+    explicit = ev.make_setups(ev.apply_protocol(ev.EvalConfig(model="m", steering=f"none,{f1}")))
+    assert [s.name for s in explicit] == ["base", str(f1)]
+    only = ev.make_setups(ev.apply_protocol(ev.EvalConfig(model="m", steering=str(f1), base=False)))
+    assert [s.name for s in only] == [str(f1)]
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        ev.make_setups(ev.apply_protocol(ev.EvalConfig(model="m", steering="missing.safetensors")))
+    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+        ev.apply_protocol(ev.EvalConfig(model="m", seeds=0))
+    with pytest.raises(ValueError, match="protocol"):
+        ev.apply_protocol(ev.EvalConfig(model="m", protocol="nope"))
+
+
+def test_cli_flags_are_the_config_fields(capsys):
+    cfg = ev.parse_args(["--model", "m", "--samples", "4", "--no-base", "--temperature", "0.7",
+                         "--max-new-tokens", "16", "--steering-scale", "2"])
+    assert cfg == ev.EvalConfig(model="m", samples=4, base=False, temperature=0.7, max_new_tokens=16,
+                                steering_scale=2.0)
+    with pytest.raises(SystemExit):
+        ev.parse_args([])  # --model is required
+    with pytest.raises(SystemExit) as exit_:
+        ev.parse_args(["--help"])
+    assert exit_.value.code == 0 and "--max-new-tokens" in capsys.readouterr().out
+
+# -----------------------------------------------------------------------------
+# End to end: tiny random model, real tokenizer and problems, base + steered.
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    tok_dir = TOKENIZERS / "qwen2.5"
+    if not (tok_dir / "tokenizer.json").is_file():
+        pytest.skip(f"{tok_dir} is absent (the shared tokenizers)")
+    folder = tmp_path_factory.mktemp("tiny_tok")
+    # the real tokenizer needs the real vocabulary (151,936 rows); a tiny width keeps it cheap
+    write_checkpoint(folder, "qwen2-tied", vocab_size=151936, hidden_size=16, intermediate_size=32)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, folder / name)
+    return folder
+
+
+def test_end_to_end_tiny_model(tiny_with_tokenizer, tmp_path, capsys):
+    if not (DATA_DIR / "math500.jsonl").is_file():
+        pytest.skip(f"{DATA_DIR}/math500.jsonl is absent (the shared data)")
+    model = Transformer.from_pretrained(tiny_with_tokenizer)
+    with torch.no_grad():
+        model.steering.copy_(torch.randn_like(model.steering))
+    model.save_steering(tmp_path / "steer.safetensors")
+
+    out = tmp_path / "out"
+    ev.main(["--model", str(tiny_with_tokenizer), "--steering", str(tmp_path / "steer.safetensors"),
+             "--protocol", "paper", "--bench", "math500", "--limit", "5", "--samples", "2", "--seeds", "2",
+             "--max-new-tokens", "4", "--data-dir", str(DATA_DIR), "--out", str(out), "--grade-workers", "1",
+             "--kv-cache-tokens", "4096"])
+
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 + 5 * 2 * 2  # base: greedy, once; steered: 2 seeds x 2 samples
+    fields = {"setup", "bench", "index", "id", "seed", "sample", "answer", "extracted", "reward",
+              "finish_reason", "n_tokens", "completion"}
+    assert all(set(r) == fields for r in rows)
+    first_ids = [json.loads(line)["id"] for line in (DATA_DIR / "math500.jsonl").open().readlines()[:5]]
+    assert [r["id"] for r in rows[:5]] == first_ids and {r["setup"] for r in rows[:5]} == {"base"}
+    assert all(1 <= r["n_tokens"] <= 4 and r["finish_reason"] in ("stop", "length") for r in rows)
+    assert all(r["reward"] in (0.0, 1.0) for r in rows)
+
+    results = json.loads((out / "results.json").read_text())
+    base, steered = results["setups"]
+    assert base["temperature"] == 0.0 and base["benchmarks"]["math500"]["seeds"] == [0]
+    assert steered["temperature"] == 1.0 and steered["benchmarks"]["math500"]["metric"] == "avg@2"
+    assert len(steered["benchmarks"]["math500"]["per_seed"]) == 2
+
+    table = (out / "results.md").read_text()
+    assert table.splitlines()[0] == "| Setup | MATH500 | Avg. |"
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3  # header + 2 setups
+    assert table in capsys.readouterr().out
+
+
+def test_torchrun_two_ranks_match_one_process(tiny_with_tokenizer, tmp_path):
+    """Two CPU ranks (gloo) split the problems and rank 0 gathers them: greedy completions and
+    scores are those of a single process."""
+    if not (DATA_DIR / "gsm8k_test.jsonl").is_file():
+        pytest.skip(f"{DATA_DIR}/gsm8k_test.jsonl is absent (the shared data)")
+    args = ["--model", str(tiny_with_tokenizer), "--bench", "gsm8k", "--limit", "5", "--max-new-tokens", "4",
+            "--data-dir", str(DATA_DIR), "--grade-workers", "1", "--kv-cache-tokens", "2048"]
+    ev.main(args + ["--out", str(tmp_path / "one")])
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(repo / "eval.py"), *args, "--out", str(tmp_path / "two")],
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = [[json.loads(line) for line in (tmp_path / d / "samples.jsonl").read_text().splitlines()]
+                for d in ("one", "two")]
+    assert len(two) == 5 and two == one  # same rows, same order (rank 0 sorts what it gathers)
+    assert (tmp_path / "two" / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
