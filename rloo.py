@@ -1,0 +1,74 @@
+"""RLOO: leave-one-out advantages over the N rollouts of a prompt, and the policy-gradient loss.
+
+For a prompt with rollouts y_1..y_N and rewards r_1..r_N, rollout i is judged against the
+mean reward of the *other* N-1 rollouts:
+
+    A_i = r_i - mean_{j != i} r_j  =  N / (N-1) * (r_i - mean_j r_j)
+
+and the loss is the plain REINFORCE estimator with that baseline,
+
+    loss = -(1 / Z) * sum_i A_i * sum_t log pi(y_it | prefix),
+
+fully on-policy (the rollouts come from the current parameters): no importance ratio, no
+clipping, no KL term. Z is the normalisation, one of:
+
+    token     Z = total completion tokens of the step, over every rank (the paper's choice)
+    sequence  each sequence's sum is first divided by its own length; Z = number of sequences
+    constant  Z = number of sequences * completion budget (Dr. GRPO: a length-independent constant)
+
+A step is processed in micro-batches, possibly on many ranks, so Z always describes the
+*whole* step and is passed in: the micro-batch losses (and gradients) then simply add up.
+"""
+import torch
+
+NORMALIZATIONS = ("token", "sequence", "constant")
+
+
+def advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards (P, N) -> leave-one-out advantages (P, N), no std scaling.
+
+    N must be >= 2: with a single rollout there is no "other" rollout to form a baseline,
+    and silently returning zeros would train nothing, so it is an error."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must have shape (prompts, rollouts), got {tuple(rewards.shape)}")
+    n = rewards.shape[1]
+    if n < 2:
+        raise ValueError(f"RLOO needs at least 2 rollouts per prompt (got N={n}): the baseline of a rollout "
+                         "is the mean reward of the other rollouts of its prompt")
+    rewards = rewards.double()  # exact for +-1 / 0-1 rewards, and no fp32 drift for long groups
+    adv = rewards - (rewards.sum(1, keepdim=True) - rewards) / (n - 1)
+    # a group whose rewards are all equal carries no signal: make that exactly 0, not 1e-17
+    flat = (rewards == rewards[:, :1]).all(1, keepdim=True)
+    return torch.where(flat, torch.zeros_like(adv), adv).float()
+
+
+def policy_loss(logprobs: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, norm: str = "token",
+                total_tokens: float | None = None, total_sequences: float | None = None,
+                max_completion_len: float | None = None) -> torch.Tensor:
+    """The RLOO loss of one micro-batch, already divided by the whole step's normaliser.
+
+    logprobs (B, T) fp32: log pi(token) of each target position (logits / temperature),
+    mask (B, T): 1 on completion tokens, 0 on prompt and padding, adv (B,).
+    total_tokens: completion tokens in the whole step, all ranks (norm="token").
+    total_sequences: rollouts in the whole step, all ranks (norm="sequence", "constant").
+    max_completion_len: the completion budget (norm="constant")."""
+    if norm not in NORMALIZATIONS:
+        raise ValueError(f"loss normalisation '{norm}' is unknown (use one of {NORMALIZATIONS})")
+    mask = mask.to(logprobs.dtype)
+    seq_logprob = (logprobs * mask).sum(1)  # (B,) log pi(y_i), prompt and pads excluded
+    adv = adv.to(logprobs.dtype)
+    if norm == "token":
+        _need(total_tokens, "total_tokens", norm)
+        return -(adv * seq_logprob).sum() / total_tokens
+    if norm == "sequence":
+        _need(total_sequences, "total_sequences", norm)
+        lengths = mask.sum(1).clamp(min=1)  # an empty completion contributes 0, not 0/0
+        return -(adv * seq_logprob / lengths).sum() / total_sequences
+    _need(total_sequences, "total_sequences", norm)
+    _need(max_completion_len, "max_completion_len", norm)
+    return -(adv * seq_logprob).sum() / (total_sequences * max_completion_len)
+
+
+def _need(value, name, norm):
+    if value is None or value <= 0:
+        raise ValueError(f"policy_loss(norm='{norm}') needs a positive {name} for the whole step, got {value}")

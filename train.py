@@ -1,0 +1,690 @@
+"""Train one steering vector per layer with RLOO while every base weight stays frozen.
+
+    torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-Math-1.5B     # the paper's recipe
+    python train.py --quickstart                                            # CPU, no download, < 1 min
+
+One step, on every rank:
+
+    prompts of the step  --split by rank-->  this rank's prompts (a prompt's N rollouts stay together)
+    sample N rollouts per prompt with sample.Sampler on the live model (steering included)
+    reward each rollout (math: reward.RewardPool; toy: a token-count reward), RLOO advantages
+    loss = rloo.policy_loss over token-budgeted micro-batches, backward into model.steering only
+    all_reduce(steering.grad, SUM)  -- the only tensor that crosses ranks: L x d floats
+    clip, AdamW step (identical on every rank, so the vectors never drift apart)
+
+Determinism: the data order is a seeded permutation per epoch, and each rollout's random numbers
+are hashed from (seed, step, the prompt's index within the step, rollout, position) by the
+sampler, so a prompt gets the same rollouts whatever the number of ranks, and a resumed run
+repeats exactly what the interrupted one would have done.
+
+A run directory holds config.json (the resolved config), metrics.jsonl (one line per step),
+steering.safetensors (the latest vector, for eval.py) and checkpoint.pt (everything to resume).
+Every file is written to a temporary name and renamed, so a crash never leaves a half-written one.
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import model as M
+import rloo
+from sample import Sampler
+
+# -----------------------------------------------------------------------------
+# Config: every field is a command-line flag (--field-name); defaults are the paper's
+# Qwen2.5-Math-1.5B recipe.
+
+
+def _opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = _opt("Qwen/Qwen2.5-Math-1.5B", "base model: a checkpoint folder, a hub id, or 'random-tiny' "
+                      "(a tiny random model written into the run directory; for --task toy)")
+    tokenizer: str = _opt("", "tokenizer folder (default: the model's folder)")
+    task: str = _opt("math", "'math': dataset problems, reward from the boxed answer; 'toy': random prompts, "
+                     "reward = fraction of completion tokens equal to --toy-target (no tokenizer, no data)")
+    dataset: str = _opt("math", "training set for --task math: math (MATH train), gsm8k, deepscaler")
+    data_dir: str = _opt("", "folder with the dataset JSONL files (default: $STEER_DATA_DIR, else ../shared/data "
+                         "when it exists, else the hub)")
+    # rollouts
+    prompts_per_step: int = _opt(128, "prompts per optimizer step, over all ranks (must divide by the world size)")
+    rollouts: int = _opt(16, "rollouts per prompt: n, the RLOO group size, >= 2 (not --n: torchrun would take "
+                         "that for an abbreviation of its own --nnodes / --nproc-per-node)")
+    temperature: float = _opt(1.0, "sampling temperature; the loss uses the same logits / temperature")
+    top_p: float = _opt(1.0, "nucleus sampling mass")
+    max_len: int = _opt(4096, "maximum prompt + completion tokens")
+    max_new_tokens: int = _opt(0, "completion budget; 0 = max_len - prompt length, per prompt (a fixed budget is "
+                               "also cut so that prompt + completion <= max_len)")
+    max_prompt_len: int = _opt(1024, "prompts longer than this (tokens) are skipped, and counted, at startup")
+    # optimisation
+    lr: float = _opt(1e-3, "AdamW learning rate (after warmup)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup: float = _opt(0.03, "fraction of the steps with linear warmup from 0; constant after")
+    grad_clip: float = _opt(2.0, "clip the global gradient norm to this (0 = off)")
+    loss_norm: str = _opt("token", "loss normalisation: token (÷ completion tokens of the step, all ranks), "
+                          "sequence (mean of per-sequence means), constant (÷ sequences x completion budget, "
+                          "Dr. GRPO; the budget is max_new_tokens, or max_len when that is 0)")
+    reward: str = _opt("pm1", "math reward values: pm1 (+1 correct / -1 wrong) or 01 (1 / 0)")
+    epochs: int = _opt(1, "passes over the training set")
+    max_steps: int = _opt(0, "stop after this many steps (0 = the epochs decide)")
+    seed: int = _opt(0, "seeds the data order, the rollouts and the random-tiny model")
+    # systems
+    device: str = _opt("auto", "auto (cuda:LOCAL_RANK when CUDA is present, else cpu), cpu or cuda")
+    dtype: str = _opt("auto", "model weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                      "bfloat16, float16; steering and its gradient are always float32")
+    micro_batch_tokens: int = _opt(16384, "padded tokens per backward micro-batch (rows x longest row)")
+    activation_checkpointing: bool = _opt(True, "recompute each block in backward: keeps one block's activations "
+                                          "instead of all layers' (the steering gradient of layer 0 needs the "
+                                          "whole backward), for ~30%% more train time")
+    kv_cache_tokens: int = _opt(0, "sampler KV pool in tokens; 0 = the sampler's default on CUDA "
+                                "(gpu_memory_fraction of free memory), exactly one step's need on CPU")
+    gpu_memory_fraction: float = _opt(0.5, "share of free GPU memory the sampler's KV pool takes (kv_cache_tokens=0)")
+    reward_workers: int = _opt(0, "math-verify worker processes per rank (0 = reward.py's default)")
+    reward_timeout: float = _opt(5.0, "seconds per answer check before it counts as wrong")
+    # run directory
+    out_dir: str = _opt("", "run directory (default: runs/<task>-<time>); refused if it exists and is not empty")
+    resume: str = _opt("", "continue the run in this directory from its last checkpoint (other flags not allowed)")
+    checkpoint_every: int = _opt(50, "checkpoint every this many steps (and always at the end)")
+    preset: str = _opt("", "start from a named set of defaults: quickstart (tiny random model, toy task, CPU)")
+    # the toy task and the random-tiny model
+    toy_target: int = _opt(5, "toy task: the token id whose frequency in completions is the reward")
+    toy_prompts: int = _opt(2048, "toy task: number of random prompts")
+    toy_prompt_len: int = _opt(8, "toy task: prompt lengths are drawn from [len/2, len]")
+    tiny_vocab: int = _opt(64, "random-tiny model: vocabulary size")
+    tiny_dim: int = _opt(64, "random-tiny model: hidden size")
+    tiny_layers: int = _opt(2, "random-tiny model: layers")
+
+
+PRESETS = {
+    # The whole loop on 2 CPU cores in under a minute: the reward (the share of completion tokens
+    # that are token 5) climbs from ~0.03 to ~0.8 by step 10 and ~0.98 by step 30. Adam moves each
+    # coordinate by about lr per step, hence a learning rate far above the paper's 1e-3.
+    "quickstart": dict(model="random-tiny", task="toy", device="cpu", prompts_per_step=16, rollouts=8,
+                       max_new_tokens=16, max_len=32, max_prompt_len=16, lr=0.01, warmup=0.0, max_steps=30,
+                       checkpoint_every=10, micro_batch_tokens=4096),
+}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"]
+        if "default" not in text:
+            text += f" (default: {f.default!r})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(flag, type=type(f.default), **kw)
+    parser.add_argument("--quickstart", dest="preset", action="store_const", const="quickstart",
+                        default=argparse.SUPPRESS, help="same as --preset quickstart")
+    given = vars(parser.parse_args(argv))  # only the flags actually passed (defaults are SUPPRESSed)
+    if given.get("resume"):
+        others = sorted(k for k in given if k != "resume")
+        if others:
+            parser.error(f"--resume continues a run with its saved config.json; remove {others}")
+        return load_config(Path(given["resume"]) / "config.json", resume=given["resume"])
+    preset = given.get("preset", "")
+    if preset and preset not in PRESETS:
+        parser.error(f"--preset {preset!r} is unknown (known: {sorted(PRESETS)})")
+    return TrainConfig(**{**PRESETS.get(preset, {}), **given})
+
+
+def load_config(path: Path, resume: str) -> TrainConfig:
+    if not path.is_file():
+        raise SystemExit(f"--resume {resume}: {path} not found (not a run directory)")
+    raw = json.loads(path.read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SystemExit(f"{path}: unknown config fields {unknown} (written by another version of train.py?)")
+    return TrainConfig(**{**raw, "resume": resume})
+
+
+def check_config(cfg: TrainConfig, world: int):
+    problems = []
+    if cfg.task not in ("math", "toy"):
+        problems.append(f"--task {cfg.task!r}: use math or toy")
+    if cfg.rollouts < 2:
+        problems.append(f"--rollouts {cfg.rollouts}: RLOO needs at least 2 rollouts per prompt")
+    if cfg.prompts_per_step % world:
+        problems.append(f"--prompts-per-step {cfg.prompts_per_step} does not divide by the world size {world}")
+    if cfg.temperature <= 0:
+        problems.append(f"--temperature {cfg.temperature}: training samples, so it must be > 0")
+    if cfg.loss_norm not in rloo.NORMALIZATIONS:
+        problems.append(f"--loss-norm {cfg.loss_norm!r}: use one of {rloo.NORMALIZATIONS}")
+    if cfg.reward not in ("pm1", "01"):
+        problems.append(f"--reward {cfg.reward!r}: use pm1 or 01")
+    if cfg.max_prompt_len >= cfg.max_len:
+        problems.append(f"--max-prompt-len {cfg.max_prompt_len} leaves no room for a completion "
+                        f"in --max-len {cfg.max_len}")
+    if cfg.checkpoint_every < 1:
+        problems.append(f"--checkpoint-every {cfg.checkpoint_every}: must be >= 1")
+    if cfg.model == "random-tiny" and cfg.task != "toy":
+        problems.append("--model random-tiny has no tokenizer: use it with --task toy")
+    if problems:
+        raise SystemExit("config error: " + "; ".join(problems))
+
+# -----------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. A plain `python train.py`
+# gets a one-process group on an in-memory store, so the step code has no single-process branch.
+
+
+def init_distributed(cfg: TrainConfig):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process; ranks of other nodes count from 0 again
+        torch.cuda.set_device(device)
+    elif want == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise SystemExit(f"--device {cfg.device!r}: use auto, cpu or cuda")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank, world, device
+
+
+def broadcast(obj, rank):
+    """Rank 0's Python object, on every rank (run-directory decisions, resume state)."""
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+# -----------------------------------------------------------------------------
+# Tasks: prompts as token ids, plus what scoring their completions needs (answers, stop ids).
+
+
+@dataclass
+class Task:
+    prompts: list[list[int]]
+    answers: list[str] | None  # math: gold answers; toy: None
+    stop_token_ids: list[int]
+    vocab_size: int | None  # the tokenizer's real vocabulary (the head's padding rows are never sampled)
+    skipped_prompts: int  # dropped at startup: longer than max_prompt_len
+
+
+def build_tiny_model(folder: Path, cfg: TrainConfig):
+    """Write a tiny random Llama checkpoint (config.json + model.safetensors) with model.py's own
+    classes, deterministic in cfg.seed. Embeddings are scaled down so the initial next-token
+    distribution is broad (every token has some probability): the toy reward then starts low
+    but non-zero, and a steering vector can raise it."""
+    from safetensors.torch import save_file
+    d = cfg.tiny_dim
+    raw = dict(model_type="llama", vocab_size=cfg.tiny_vocab, hidden_size=d, intermediate_size=2 * d,
+               num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
+               rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32")
+    torch.manual_seed(cfg.seed)
+    net = M.Transformer(M.Config.from_dict(raw))
+    with torch.no_grad():
+        net.embed_tokens.weight.mul_(0.15)  # logits = norm(h) . e: std ~ 0.15 sqrt(d) instead of sqrt(d)
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items() if k != "steering"}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors.tmp"))
+    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+    atomic_write_text(folder / "config.json", json.dumps(raw, indent=2))
+
+
+def toy_task(cfg: TrainConfig, vocab_size: int) -> Task:
+    if not 0 <= cfg.toy_target < vocab_size:
+        raise SystemExit(f"--toy-target {cfg.toy_target} is not a token id of this model (vocab {vocab_size})")
+    g = torch.Generator().manual_seed(cfg.seed)
+    lo, hi = max(1, cfg.toy_prompt_len // 2), cfg.toy_prompt_len
+    lengths = torch.randint(lo, hi + 1, (cfg.toy_prompts,), generator=g).tolist()
+    prompts = [torch.randint(0, vocab_size, (k,), generator=g).tolist() for k in lengths]
+    return Task(prompts, None, [], vocab_size, 0)
+
+
+def toy_rewards(completions: list[list[int]], target: int) -> list[float]:
+    """The share of a completion's tokens that are `target`: smooth, so learning shows at once."""
+    return [sum(t == target for t in c) / max(1, len(c)) for c in completions]
+
+
+def math_task(cfg: TrainConfig, rank: int):
+    import data
+    folder = cfg.tokenizer or M.resolve_checkpoint(cfg.model)
+    tok = data.Tokenizer.from_dir(folder)
+    data_dir = cfg.data_dir or os.environ.get(data.ENV_VAR)
+    if not data_dir and (Path(__file__).resolve().parent.parent / "shared" / "data").is_dir():
+        data_dir = str(Path(__file__).resolve().parent.parent / "shared" / "data")
+    rows = data.load(cfg.dataset, split="train", data_dir=data_dir or None)
+    prompts, answers, skipped = [], [], 0
+    for row in rows:
+        ids = tok.encode_prompt(row["problem"])
+        if len(ids) > cfg.max_prompt_len:
+            skipped += 1
+            continue
+        prompts.append(ids)
+        answers.append(row["answer"])
+    if not prompts:
+        raise SystemExit(f"{cfg.dataset}: no prompt fits --max-prompt-len {cfg.max_prompt_len}")
+    if rank == 0:
+        print(f"{cfg.dataset}: {len(prompts)} prompts, {skipped} skipped (longer than {cfg.max_prompt_len} tokens)")
+    return Task(prompts, answers, tok.stop_token_ids, tok.vocab_size, skipped), tok
+
+# -----------------------------------------------------------------------------
+# Data order: one seeded permutation per epoch; step s reads positions [o, o + P) of epoch e.
+
+
+def step_position(step: int, steps_per_epoch: int, prompts_per_step: int) -> tuple[int, int]:
+    return step // steps_per_epoch, (step % steps_per_epoch) * prompts_per_step
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(size, generator=g).tolist()
+
+# -----------------------------------------------------------------------------
+# Rollouts and rewards
+
+
+def sample(sampler, task: Task, cfg: TrainConfig, step: int, ids: list[int], first: int, step_ids: list[int]):
+    """N rollouts of each of this rank's prompts -> [(tokens, sampler log-probs)] prompt-major, and
+    whether each was truncated. The sampler hashes each random draw from (seed, prompt index,
+    rollout, position): with the step's seed and this rank's offset into the step, a prompt gets
+    the same rollouts whatever the number of ranks.
+
+    Each prompt has its own budget (max_len - its length, or max_new_tokens). One generate call
+    uses the step's largest budget (the same on every rank) and each completion is then cut to
+    its own: a rollout's tokens do not depend on the budget it is generated under, so this equals
+    generating each prompt with its own budget."""
+    def budget(prompt):
+        return min(cfg.max_new_tokens or cfg.max_len, cfg.max_len - len(prompt))
+    prompts = [task.prompts[i] for i in ids]
+    groups = sampler.generate(prompts, n=cfg.rollouts, max_new_tokens=max(budget(task.prompts[i]) for i in step_ids),
+                              temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=task.stop_token_ids,
+                              seed=(cfg.seed << 32) + step, prompt_offset=first)
+    completions, truncated = [], []
+    for prompt, group in zip(prompts, groups):
+        limit = budget(prompt)
+        for c in group:
+            completions.append((c.tokens[:limit], c.logprobs[:limit]))
+            truncated.append(len(c.tokens) > limit or c.finish_reason == "length")
+    return completions, truncated
+
+
+def score(task: Task, cfg: TrainConfig, pool, tokenizer, completions, ids) -> tuple[list[float], list[float]]:
+    """Rewards and correctness (1/0) of each completion, in the order of `completions`."""
+    if cfg.task == "toy":
+        rewards = toy_rewards([c for c, _ in completions], cfg.toy_target)
+        return rewards, [float(r >= 0.5) for r in rewards]
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c, _ in completions]
+    answers = [task.answers[i] for i in ids for _ in range(cfg.rollouts)]
+    rewards = pool.score_batch(texts, answers, correct=1.0, wrong=-1.0 if cfg.reward == "pm1" else 0.0)
+    return rewards, [float(r == 1.0) for r in rewards]
+
+
+# -----------------------------------------------------------------------------
+# The backward: right-padded micro-batches of (prompt + completion), longest first, each at most
+# micro_batch_tokens padded tokens; the loss counts completion positions only.
+
+
+@dataclass
+class Rollout:
+    prompt: list[int]
+    completion: list[int]
+    advantage: float
+    sampler_logprobs: list[float]
+
+
+def micro_batches(rollouts: list[Rollout], budget: int) -> list[list[Rollout]]:
+    """Sorted by length so rows of a batch pad little; a row longer than the budget goes alone."""
+    order = sorted(rollouts, key=lambda r: len(r.prompt) + len(r.completion), reverse=True)
+    batches, current = [], []
+    for r in order:
+        width = len(current[0].prompt) + len(current[0].completion) - 1 if current else 0  # longest row first
+        if current and (len(current) + 1) * width > budget:
+            batches.append(current)
+            current = []
+        current.append(r)
+    return batches + [current] if current else batches
+
+
+def backward(model, batch: list[Rollout], cfg: TrainConfig, vocab_size, totals: dict, device):
+    """Loss of one micro-batch (already divided by the step's normaliser), backpropagated into
+    steering. Returns (loss, sum of |train log-prob - sampler log-prob| over its tokens)."""
+    width = max(len(r.prompt) + len(r.completion) for r in batch) - 1
+    inputs = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T) right-padded with id 0 (masked out)
+    targets = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.bool)
+    for b, r in enumerate(batch):
+        seq = torch.tensor(r.prompt + r.completion)
+        inputs[b, :len(seq) - 1], targets[b, :len(seq) - 1] = seq[:-1], seq[1:]
+        mask[b, len(r.prompt) - 1:len(seq) - 1] = True  # position t predicts token t+1: the completion
+    inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
+    adv = torch.tensor([r.advantage for r in batch], device=device)
+    hidden = model.hidden_states(inputs)  # (B, T, d)
+    # the head runs on completion positions only: prompt and padding rows need no logits
+    picked = M.chunked_logprobs(hidden[mask], model.head_weight, targets[mask], cfg.temperature, vocab_size)
+    logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=device)
+    logprobs[mask] = picked  # (B, T)
+    loss = rloo.policy_loss(logprobs, mask, adv, cfg.loss_norm, **totals)
+    if torch.isfinite(loss):
+        loss.backward()
+    sampler = torch.tensor([lp for r in batch for lp in r.sampler_logprobs], device=device)
+    return loss.detach(), (picked.detach() - sampler).abs().sum()
+
+def accumulate_gradient(model, rollouts: list[Rollout], cfg: TrainConfig, vocab_size, totals: dict, device):
+    """Backward over all micro-batches into a zeroed steering.grad. Returns (loss, summed
+    |log-prob gap|, number of micro-batches, whether some loss was non-finite)."""
+    if model.steering.grad is None:
+        model.steering.grad = torch.zeros_like(model.steering)
+    model.steering.grad.zero_()
+    loss, gap, bad_loss = 0.0, 0.0, False
+    batches = micro_batches(rollouts, cfg.micro_batch_tokens)
+    for batch in batches:
+        mb_loss, mb_gap = backward(model, batch, cfg, vocab_size, totals, device)
+        bad_loss |= not bool(torch.isfinite(mb_loss))
+        loss += mb_loss.item()
+        gap += mb_gap.item()
+    return loss, gap, len(batches), bad_loss
+
+
+def reduce_and_step(model, optimizer, cfg: TrainConfig, lr: float, bad_loss: bool) -> tuple[float, bool]:
+    """Sum steering.grad over ranks (the one all-reduce of the step: L x d floats), then clip and
+    take the AdamW step. A non-finite loss or gradient on any rank skips the update on every rank:
+    a rank with a bad loss poisons its gradient with NaN, which the sum carries everywhere.
+    Returns (global gradient norm before clipping, skipped)."""
+    grad = model.steering.grad
+    if bad_loss:
+        grad.fill_(float("nan"))
+    dist.all_reduce(grad)  # SUM: the loss is already divided by the whole step's normaliser
+    grad_norm = grad.norm().item()
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=False)
+        return grad_norm, True
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([model.steering], cfg.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return grad_norm, False
+
+
+def ranks_divergence(model) -> float:
+    """Largest |steering - rank 0's steering| over ranks: 0.0 when every rank holds the same
+    vector, as identical gradients and optimizer states guarantee. Checked at checkpoints."""
+    ref = model.steering.detach().clone()
+    dist.broadcast(ref, src=0)
+    diff = (model.steering.detach() - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: everything needed to continue exactly, in one file renamed into place.
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = dict(python=random.getstate(), numpy=[kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+                 torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, epoch: int, offset: int,
+                    skipped_steps: int):
+    """steering.safetensors first (the file eval.py reads), then checkpoint.pt: the checkpoint is
+    the commit point, and resuming reads nothing else."""
+    model.save_steering(run_dir / "steering.safetensors", step=step, task=cfg.task, dataset=cfg.dataset)
+    state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps,
+                 steering=model.steering.detach().cpu().clone(), optimizer=optimizer.state_dict(),
+                 rng=rng_state(), config=asdict(cfg))
+    tmp = run_dir / "checkpoint.pt.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / "checkpoint.pt")
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    path = run_dir / "checkpoint.pt"  # a leftover checkpoint.pt.tmp is an interrupted write: ignored
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, dict | None]:
+    """Rank 0: the run directory (refusing to reuse a non-empty one unless resuming) and the
+    checkpoint to resume from. metrics.jsonl is cut back to the checkpoint's step, so the lines a
+    killed run wrote after its last checkpoint are replaced, not duplicated."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        state = load_checkpoint(run_dir)
+        last = state["step"] if state else 0
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= last]
+            atomic_write_text(metrics, "".join(ln + "\n" for ln in lines))
+        return run_dir, state
+    run_dir = Path(cfg.out_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise SystemExit(f"run directory {run_dir} exists and is not empty: pass --resume {run_dir} to continue "
+                         "it, or choose another --out-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.out_dir = str(run_dir)
+    atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2))
+    return run_dir, None
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+def progress_line(step: int, total: int, m: dict) -> str:
+    width = 20
+    done = width * step // total
+    bar = "#" * done + "." * (width - done)
+    return (f"[{bar}] {step}/{total} reward {m['reward_mean']:+.3f} acc {m['accuracy']:.3f} "
+            f"len {m['completion_len_mean']:.0f} | {m['step_s']:.1f}s (sample {m['sample_s']:.1f} reward "
+            f"{m['reward_s']:.1f} train {m['train_s']:.1f}) {m['tokens_per_s']:.0f} tok/s"
+            + (" SKIPPED" if m["skipped"] else ""))
+
+
+def print_progress(line: str, last: bool):
+    if sys.stdout.isatty():  # one line redrawn in place; plain lines when logging to a file
+        print("\r" + line.ljust(120), end="\n" if last else "", flush=True)
+    else:
+        print(line, flush=True)
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = init_distributed(cfg)
+    check_config(cfg, world)
+
+    # run directory and resume state are decided once, by rank 0, and shared
+    decision = None
+    if rank == 0:
+        try:
+            decision = prepare_run_dir(cfg)
+        except SystemExit as e:
+            decision = e
+    decision = broadcast(decision, rank)
+    if isinstance(decision, SystemExit):
+        raise decision
+    run_dir, state = decision
+    cfg.out_dir = str(run_dir)
+
+    model_path = cfg.model
+    if cfg.model == "random-tiny":
+        model_path = run_dir / "model"
+        if rank == 0 and not (model_path / "model.safetensors").is_file():
+            build_tiny_model(model_path, cfg)
+        dist.barrier()  # (several nodes need the run directory on a shared filesystem here)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+
+    # math-verify workers fork from a small process: before the model and CUDA take memory
+    pool, tokenizer = None, None
+    if cfg.task == "math":
+        import reward
+        pool = reward.RewardPool(workers=cfg.reward_workers or None, timeout=cfg.reward_timeout)
+    model = M.Transformer.from_pretrained(model_path, dtype=dtype, device=device)
+    model.checkpoint_blocks = cfg.activation_checkpointing
+    if cfg.task == "toy":
+        task = toy_task(cfg, model.config.vocab_size)
+    else:
+        task, tokenizer = math_task(cfg, rank)
+
+    P, per_rank = cfg.prompts_per_step, cfg.prompts_per_step // world
+    steps_per_epoch = len(task.prompts) // P
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(task.prompts)} prompts do not fill one step of --prompts-per-step {P}")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup_steps = math.ceil(cfg.warmup * total_steps)
+
+    optimizer = torch.optim.AdamW([model.steering], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    start, skipped_steps = 0, 0
+    if state is not None:
+        with torch.no_grad():
+            model.steering.copy_(state["steering"])  # in place: the sampler's CUDA graphs hold this tensor
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, skipped_steps = state["step"], state["skipped_steps"]
+        if (state["epoch"], state["offset"]) != step_position(start, steps_per_epoch, P):
+            raise SystemExit(f"{run_dir}/checkpoint.pt: data position {(state['epoch'], state['offset'])} does not "
+                             f"match step {start} (the dataset changed since the run began?)")
+        if rank == 0:
+            print(f"resuming {run_dir} at step {start}/{total_steps}")
+
+    # a long prompt's rollouts may run up to the step's largest budget before sample() cuts them
+    longest = cfg.max_len + max(len(p) for p in task.prompts)
+    kv_tokens = cfg.kv_cache_tokens or (None if device.type == "cuda" else per_rank * cfg.rollouts * (longest + 16))
+    sampler = Sampler(model, kv_cache_tokens=kv_tokens, gpu_memory_fraction=cfg.gpu_memory_fraction,
+                      vocab_size=task.vocab_size, max_seq_len=longest)
+    grad_bytes = model.steering.numel() * model.steering.element_size()
+    totals_norm = dict(total_sequences=P * cfg.rollouts, max_completion_len=cfg.max_new_tokens or cfg.max_len)
+    order_epoch, order = -1, None
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        epoch, offset = step_position(step, steps_per_epoch, P)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, epoch_order(cfg.seed, epoch, len(task.prompts))
+        first = rank * per_rank  # this rank's first prompt, as an index within the step
+        ids = order[offset + first: offset + first + per_rank]  # this rank's prompts (dataset indices)
+        completions, truncated = sample(sampler, task, cfg, step, ids, first, order[offset: offset + P])
+        sync()
+        t1 = time.perf_counter()
+        rewards, correct = score(task, cfg, pool, tokenizer, completions, ids)
+        # local: all rollouts of a prompt are on this rank
+        adv = rloo.advantages(torch.tensor(rewards).view(per_rank, cfg.rollouts))
+        t2 = time.perf_counter()
+
+        # ---- train: the token count of the whole step first (the loss divides by it), then backward
+        lengths = [len(c) for c, _ in completions]
+        count = torch.tensor([float(sum(lengths))], dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        totals = dict(totals_norm, total_tokens=max(count.item(), 1.0))
+        rollouts = [Rollout(task.prompts[ids[k // cfg.rollouts]], c, adv.view(-1)[k].item(), lp)
+                    for k, (c, lp) in enumerate(completions)]
+        loss, gap, batches, bad_loss = accumulate_gradient(model, rollouts, cfg, task.vocab_size, totals, device)
+        lr = cfg.lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else cfg.lr
+        grad_norm, skipped = reduce_and_step(model, optimizer, cfg, lr, bad_loss)
+        skipped_steps += skipped
+        sync()
+        t3 = time.perf_counter()
+
+        checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
+        divergence = ranks_divergence(model) if checkpoint_now else None
+        if divergence:  # same value on every rank (all-reduced): all stop together
+            raise RuntimeError(f"step {step + 1}: the ranks' steering vectors differ by up to {divergence}")
+
+        # ---- metrics: sums and maxima over ranks
+        sums = torch.tensor([sum(rewards), sum(correct), float(len(rewards)), float(sum(lengths)),
+                             float(sum(truncated)), adv.abs().sum().item(), adv.pow(2).sum().item(),
+                             float((adv == 0).all(1).sum()), loss, gap], dtype=torch.float64, device=device)
+        maxes = torch.tensor([float(max(lengths)), t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            s, mx = sums.tolist(), maxes.tolist()
+            num = s[2]
+            m = dict(step=step + 1, epoch=epoch, lr=lr,
+                     reward_mean=s[0] / num, accuracy=s[1] / num, adv_abs_mean=s[5] / num,
+                     adv_std=math.sqrt(max(s[6] / num, 0.0)), zero_adv_prompts=s[7] / P,
+                     completion_len_mean=s[3] / num, completion_len_max=int(mx[0]), truncated_frac=s[4] / num,
+                     loss=s[8], logprob_gap=s[9] / max(s[3], 1.0), sample_s=mx[1], reward_s=mx[2], train_s=mx[3],
+                     step_s=time.perf_counter() - t0, tokens_per_s=s[3] / max(mx[1], 1e-9),
+                     grad_norm=grad_norm, steering_norm=model.steering.detach().norm(dim=1).tolist(),
+                     bytes_allreduced=grad_bytes, micro_batches=batches, skipped=skipped,
+                     skipped_steps=skipped_steps, skipped_prompts=task.skipped_prompts, rank_divergence=divergence)
+            metrics_file.write(json.dumps(m) + "\n")
+            metrics_file.flush()
+            print_progress(progress_line(step + 1, total_steps, m), last=step + 1 == total_steps)
+
+        if checkpoint_now:
+            if rank == 0:
+                save_checkpoint(run_dir, model, optimizer, cfg, step + 1,
+                                *step_position(step + 1, steps_per_epoch, P), skipped_steps)
+            dist.barrier()  # nobody runs ahead of a checkpoint that may still be written
+
+    if rank == 0:
+        metrics_file.close()
+        print(f"done: {run_dir}/steering.safetensors")
+    if pool is not None:
+        pool.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    # Reference cycles can keep gloo's process group, and the work objects its threads still hold,
+    # alive into interpreter shutdown, where a thread releasing a tensor needs the GIL and aborts
+    # the process ("terminate called without an active exception", ~1 run in 7). Collect them now.
+    gc.collect()
+
+
+if __name__ == "__main__":
+    main()
