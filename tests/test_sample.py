@@ -304,3 +304,11 @@ def test_padded_decode_rows_are_inert(qwen):
     untouched = torch.ones(flat(pool).shape[2], dtype=torch.bool)
     untouched[slot] = False
     assert torch.equal(flat(sampler.pool)[:, :, untouched], flat(pool)[:, :, untouched])
+
+
+def test_benchmark_runs_at_tiny_size(capsys):
+    """Keeps `python sample.py --bench` alive in CI: the tiny run prints both engines' figures."""
+    import sample
+    sample.bench(["--tiny", "--repeats", "1", "--max-new-tokens", "8", "--prompt-len", "16"])
+    out = capsys.readouterr().out
+    assert "ours" in out and "HF generate" in out and "decode tok/s" in out
