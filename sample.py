@@ -20,7 +20,8 @@
 
 Sampling is reproducible per sequence: token t of rollout r of prompt p is drawn by inverse-CDF
 with one uniform number hashed from (seed, p, r, t). It depends on nothing else, so results do
-not change with batch composition or pre-emption. Returned log-probs are
+not change with batch composition or pre-emption (bit for bit on CPU in fp32; on GPU the logits
+themselves move by float rounding with batch shape, which can flip a draw at a CDF boundary). Returned log-probs are
 log_softmax(logits[:vocab_size] / temperature) at the sampled token in fp32, over the FULL
 distribution (not the top-p-truncated one) -- the same formula as model.chunked_logprobs, which
 the trainer scores with. For temperature 0 (greedy) they are the untempered log-softmax.
@@ -362,19 +363,22 @@ class Sampler:
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_token_ids=(),
                  seed=None, prompt_offset=0) -> list[list[Completion]]:
-        self._check(prompts, n, max_new_tokens, temperature, top_p)
+        """`max_new_tokens` is one budget for all prompts or a list with one per prompt (the trainer
+        gives each prompt max_len - its length). `prompt_offset`: a caller that splits one batch of
+        prompts over several processes passes each part's start, so every prompt draws what it
+        would draw in the whole batch."""
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        self._check(prompts, n, limits, temperature, top_p)
         self.stats = Stats()
         self.blocks = BlockManager(self.blocks.num_blocks)  # whole again even if a previous call was interrupted
-        if max_new_tokens == 0:
-            return [[Completion([], [], "length") for _ in range(n)] for _ in prompts]
         seed = random.getrandbits(63) if seed is None else seed
-        self.request = dict(max_new=max_new_tokens, temperature=temperature, top_p=top_p,
+        self.request = dict(max_new=limits, temperature=temperature, top_p=top_p,
                             stop=set(stop_token_ids), seed=seed, prompt_offset=prompt_offset)
-        self.results = [[None] * n for _ in prompts]
+        self.results = [[None if limit else Completion([], [], "length") for _ in range(n)] for limit in limits]
         # waiting work: lists of sequences with identical tokens, prefilled together (a prompt's
         # n fresh rollouts, or a single pre-empted sequence)
         self.waiting = deque([[_Seq(p, r, list(tokens), len(tokens)) for r in range(n)]
-                              for p, tokens in enumerate(prompts)])
+                              for p, tokens in enumerate(prompts) if limits[p] > 0])
         self.running: list[_Seq] = []
         while self.waiting or self.running:
             admitted = self._admit()
@@ -385,11 +389,14 @@ class Sampler:
         assert self.blocks.num_free == self.blocks.num_blocks, "blocks leaked"
         return self.results
 
-    def _check(self, prompts, n, max_new_tokens, temperature, top_p):
-        if n < 1 or max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+    def _check(self, prompts, n, limits, temperature, top_p):
+        if len(limits) != len(prompts):
+            raise ValueError(f"max_new_tokens has {len(limits)} budgets for {len(prompts)} prompts")
+        if n < 1 or min(limits, default=0) < 0 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need n >= 1, max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1 "
-                             f"(got n={n}, max_new_tokens={max_new_tokens}, temperature={temperature}, top_p={top_p})")
-        for i, p in enumerate(prompts):
+                             f"(got n={n}, max_new_tokens={min(limits, default=0)}, temperature={temperature}, "
+                             f"top_p={top_p})")
+        for i, (p, max_new_tokens) in enumerate(zip(prompts, limits)):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
             if max(p) >= self.model.config.vocab_size or min(p) < 0:
@@ -449,7 +456,7 @@ class Sampler:
         for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
             seq.tokens.append(tok)
             seq.logprobs.append(lp)
-            reason = "stop" if tok in req["stop"] else "length" if seq.num_generated >= req["max_new"] else None
+            reason = "stop" if tok in req["stop"] else "length" if seq.num_generated >= req["max_new"][seq.prompt] else None
             if reason is None:
                 keep.append(seq)
                 continue
@@ -461,8 +468,6 @@ class Sampler:
 
     def _sample(self, seqs, logits):
         req = self.request
-        # prompt_offset: a caller that splits one batch of prompts over several processes passes each
-        # part's start, so every prompt draws what it would draw in the whole batch
         meta = torch.tensor([[s.prompt + req["prompt_offset"], s.rollout, s.num_generated] for s in seqs],
                             device=logits.device)
         u = sequence_uniforms(req["seed"], meta[:, 0], meta[:, 1], meta[:, 2])

@@ -15,7 +15,8 @@ One step, on every rank:
 Determinism: the data order is a seeded permutation per epoch, and each rollout's random numbers
 are hashed from (seed, step, the prompt's index within the step, rollout, position) by the
 sampler, so a prompt gets the same rollouts whatever the number of ranks, and a resumed run
-repeats exactly what the interrupted one would have done.
+repeats what the interrupted one would have done: bit for bit on CPU; on GPU up to float
+rounding, which batch composition and kernels change.
 
 A run directory holds config.json (the resolved config), metrics.jsonl (one line per step),
 steering.safetensors (the latest vector, for eval.py) and checkpoint.pt (everything to resume).
@@ -65,7 +66,7 @@ class TrainConfig:
     rollouts: int = _opt(16, "rollouts per prompt: n, the RLOO group size, >= 2 (not --n: torchrun would take "
                          "that for an abbreviation of its own --nnodes / --nproc-per-node)")
     temperature: float = _opt(1.0, "sampling temperature; the loss uses the same logits / temperature")
-    top_p: float = _opt(1.0, "nucleus sampling mass")
+    top_p: float = _opt(1.0, "nucleus sampling mass; must stay 1: the loss is on-policy for the full distribution")
     max_len: int = _opt(4096, "maximum prompt + completion tokens")
     max_new_tokens: int = _opt(0, "completion budget; 0 = max_len - prompt length, per prompt (a fixed budget is "
                                "also cut so that prompt + completion <= max_len)")
@@ -91,7 +92,7 @@ class TrainConfig:
                                           "instead of all layers' (the steering gradient of layer 0 needs the "
                                           "whole backward), for ~30%% more train time")
     kv_cache_tokens: int = _opt(0, "sampler KV pool in tokens; 0 = the sampler's default on CUDA "
-                                "(gpu_memory_fraction of free memory), exactly one step's need on CPU")
+                                "(gpu_memory_fraction of free memory); on CPU one step's need, at most 2 GiB")
     gpu_memory_fraction: float = _opt(0.5, "share of free GPU memory the sampler's KV pool takes (kv_cache_tokens=0)")
     reward_workers: int = _opt(0, "math-verify worker processes per rank (0 = reward.py's default)")
     reward_timeout: float = _opt(5.0, "seconds per answer check before it counts as wrong")
@@ -165,6 +166,9 @@ def check_config(cfg: TrainConfig, world: int):
         problems.append(f"--rollouts {cfg.rollouts}: RLOO needs at least 2 rollouts per prompt")
     if cfg.prompts_per_step % world:
         problems.append(f"--prompts-per-step {cfg.prompts_per_step} does not divide by the world size {world}")
+    if cfg.top_p != 1.0:
+        problems.append(f"--top-p {cfg.top_p}: the loss scores the full distribution, so rollouts drawn from "
+                        "a nucleus would make the update off-policy; train with --top-p 1")
     if cfg.temperature <= 0:
         problems.append(f"--temperature {cfg.temperature}: training samples, so it must be > 0")
     if cfg.loss_norm not in rloo.NORMALIZATIONS:
@@ -301,28 +305,20 @@ def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
 # Rollouts and rewards
 
 
-def sample(sampler, task: Task, cfg: TrainConfig, step: int, ids: list[int], first: int, step_ids: list[int]):
+def sample(sampler, task: Task, cfg: TrainConfig, step: int, ids: list[int], first: int):
     """N rollouts of each of this rank's prompts -> [(tokens, sampler log-probs)] prompt-major, and
     whether each was truncated. The sampler hashes each random draw from (seed, prompt index,
     rollout, position): with the step's seed and this rank's offset into the step, a prompt gets
-    the same rollouts whatever the number of ranks.
-
-    Each prompt has its own budget (max_len - its length, or max_new_tokens). One generate call
-    uses the step's largest budget (the same on every rank) and each completion is then cut to
-    its own: a rollout's tokens do not depend on the budget it is generated under, so this equals
-    generating each prompt with its own budget."""
-    def budget(prompt):
-        return min(cfg.max_new_tokens or cfg.max_len, cfg.max_len - len(prompt))
+    the same rollouts whatever the number of ranks (exactly on CPU; on GPU up to float rounding,
+    which batch composition changes). Each prompt has its own budget: max_len - its length, or
+    max_new_tokens when that is smaller."""
     prompts = [task.prompts[i] for i in ids]
-    groups = sampler.generate(prompts, n=cfg.rollouts, max_new_tokens=max(budget(task.prompts[i]) for i in step_ids),
-                              temperature=cfg.temperature, top_p=cfg.top_p, stop_token_ids=task.stop_token_ids,
+    budgets = [min(cfg.max_new_tokens or cfg.max_len, cfg.max_len - len(p)) for p in prompts]
+    groups = sampler.generate(prompts, n=cfg.rollouts, max_new_tokens=budgets, temperature=cfg.temperature,
+                              top_p=cfg.top_p, stop_token_ids=task.stop_token_ids,
                               seed=(cfg.seed << 32) + step, prompt_offset=first)
-    completions, truncated = [], []
-    for prompt, group in zip(prompts, groups):
-        limit = budget(prompt)
-        for c in group:
-            completions.append((c.tokens[:limit], c.logprobs[:limit]))
-            truncated.append(len(c.tokens) > limit or c.finish_reason == "length")
+    completions = [(c.tokens, c.logprobs) for group in groups for c in group]
+    truncated = [c.finish_reason == "length" for group in groups for c in group]
     return completions, truncated
 
 
@@ -596,9 +592,12 @@ def main(argv=None):
         if rank == 0:
             print(f"resuming {run_dir} at step {start}/{total_steps}")
 
-    # a long prompt's rollouts may run up to the step's largest budget before sample() cuts them
-    longest = cfg.max_len + max(len(p) for p in task.prompts)
-    kv_tokens = cfg.kv_cache_tokens or (None if device.type == "cuda" else per_rank * cfg.rollouts * (longest + 16))
+    longest = min(cfg.max_len, max(len(p) for p in task.prompts) + (cfg.max_new_tokens or cfg.max_len))
+    kv_tokens = cfg.kv_cache_tokens or None  # GPU: the sampler sizes its pool from free memory
+    if kv_tokens is None and device.type == "cpu":  # one step's rollouts, capped at 2 GiB (pre-emption copes)
+        mc = model.config
+        bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * model.embed_tokens.weight.element_size()
+        kv_tokens = min(per_rank * cfg.rollouts * (longest + 16), 2 ** 31 // bytes_per_token)
     sampler = Sampler(model, kv_cache_tokens=kv_tokens, gpu_memory_fraction=cfg.gpu_memory_fraction,
                       vocab_size=task.vocab_size, max_seq_len=longest)
     grad_bytes = model.steering.numel() * model.steering.element_size()
@@ -617,7 +616,7 @@ def main(argv=None):
             order_epoch, order = epoch, epoch_order(cfg.seed, epoch, len(task.prompts))
         first = rank * per_rank  # this rank's first prompt, as an index within the step
         ids = order[offset + first: offset + first + per_rank]  # this rank's prompts (dataset indices)
-        completions, truncated = sample(sampler, task, cfg, step, ids, first, order[offset: offset + P])
+        completions, truncated = sample(sampler, task, cfg, step, ids, first)
         sync()
         t1 = time.perf_counter()
         rewards, correct = score(task, cfg, pool, tokenizer, completions, ids)

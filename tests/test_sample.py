@@ -312,3 +312,18 @@ def test_benchmark_runs_at_tiny_size(capsys):
     sample.bench(["--tiny", "--repeats", "1", "--max-new-tokens", "8", "--prompt-len", "16"])
     out = capsys.readouterr().out
     assert "ours" in out and "HF generate" in out and "decode tok/s" in out
+
+
+def test_per_prompt_budgets_equal_separate_calls(qwen):
+    """A list of budgets gives each prompt exactly what a call with its own budget gives."""
+    sampler = sample.Sampler(qwen, kv_cache_tokens=512, block_size=16)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+    budgets = [5, 0, 9]
+    together = sampler.generate(prompts, n=2, max_new_tokens=budgets, temperature=1.0, seed=3)
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        alone = sampler.generate([prompt], n=2, max_new_tokens=budget, temperature=1.0, seed=3, prompt_offset=i)[0]
+        assert [c.tokens for c in together[i]] == [c.tokens for c in alone]
+        assert all(len(c.tokens) <= budget for c in together[i])
+    assert together[1][0].tokens == [] and together[1][0].finish_reason == "length"
+    with pytest.raises(ValueError, match="budgets for 3 prompts"):
+        sampler.generate(prompts, n=1, max_new_tokens=[4, 4])
