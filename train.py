@@ -24,6 +24,7 @@ Every file is written to a temporary name and renamed, so a crash never leaves a
 """
 import argparse
 import gc
+import hashlib
 import json
 import math
 import os
@@ -229,6 +230,10 @@ class Task:
     stop_token_ids: list[int]
     vocab_size: int | None  # the tokenizer's real vocabulary (the head's padding rows are never sampled)
     skipped_prompts: int  # dropped at startup: longer than max_prompt_len
+
+    def fingerprint(self) -> str:
+        """Hash of the prompts (token ids) and answers: a resumed run must see the same data."""
+        return hashlib.sha256(json.dumps([self.prompts, self.answers]).encode()).hexdigest()[:16]
 
 
 def build_tiny_model(folder: Path, cfg: TrainConfig):
@@ -459,11 +464,11 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, epoch: int, offset: int,
-                    skipped_steps: int):
+                    skipped_steps: int, data_fingerprint: str):
     """steering.safetensors first (the file eval.py reads), then checkpoint.pt: the checkpoint is
     the commit point, and resuming reads nothing else."""
     model.save_steering(run_dir / "steering.safetensors", step=step, task=cfg.task, dataset=cfg.dataset)
-    state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps,
+    state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps, data=data_fingerprint,
                  steering=model.steering.detach().cpu().clone(), optimizer=optimizer.state_dict(),
                  rng=rng_state(), config=asdict(cfg))
     tmp = run_dir / "checkpoint.pt.tmp"
@@ -586,6 +591,9 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start, skipped_steps = state["step"], state["skipped_steps"]
+        if state["data"] != task.fingerprint():
+            raise SystemExit(f"{run_dir}/checkpoint.pt: the training prompts differ from the ones the run began "
+                             "with (dataset, data dir, tokenizer or template changed?)")
         if (state["epoch"], state["offset"]) != step_position(start, steps_per_epoch, P):
             raise SystemExit(f"{run_dir}/checkpoint.pt: data position {(state['epoch'], state['offset'])} does not "
                              f"match step {start} (the dataset changed since the run began?)")
@@ -669,7 +677,7 @@ def main(argv=None):
         if checkpoint_now:
             if rank == 0:
                 save_checkpoint(run_dir, model, optimizer, cfg, step + 1,
-                                *step_position(step + 1, steps_per_epoch, P), skipped_steps)
+                                *step_position(step + 1, steps_per_epoch, P), skipped_steps, task.fingerprint())
             dist.barrier()  # nobody runs ahead of a checkpoint that may still be written
 
     if rank == 0:

@@ -139,6 +139,16 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert [r["reward_mean"] for r in resumed] == [r["reward_mean"] for r in full]
 
 
+def test_resume_refuses_changed_training_data(tmp_path):
+    run_dir = tmp_path / "run"
+    check(run([*SMALL, "--max-steps", "2", "--checkpoint-every", "2", "--out-dir", str(run_dir)]))
+    config = json.loads((run_dir / "config.json").read_text())
+    config.update(max_steps=4, toy_prompt_len=config["toy_prompt_len"] + 1)  # same count, other prompts
+    (run_dir / "config.json").write_text(json.dumps(config))
+    proc = run(["--resume", str(run_dir)])
+    assert proc.returncode != 0 and "training prompts differ" in proc.stderr + proc.stdout
+
+
 # -----------------------------------------------------------------------------
 # In-process: the checkpoint writer and the update step
 
@@ -165,7 +175,7 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, tiny_qwen, 
     cfg = train_module.TrainConfig(task="toy")
     with torch.no_grad():
         model.steering.fill_(1.0)
-    train_module.save_checkpoint(tmp_path, model, opt, cfg, step=4, epoch=0, offset=16, skipped_steps=0)
+    train_module.save_checkpoint(tmp_path, model, opt, cfg, step=4, epoch=0, offset=16, skipped_steps=0, data_fingerprint="abc")
 
     def dies_half_way(obj, f):
         f.write(b"PK\x03\x04 partial")
@@ -174,7 +184,7 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, tiny_qwen, 
     with torch.no_grad():
         model.steering.fill_(2.0)
     with pytest.raises(KeyboardInterrupt):
-        train_module.save_checkpoint(tmp_path, model, opt, cfg, step=6, epoch=0, offset=24, skipped_steps=0)
+        train_module.save_checkpoint(tmp_path, model, opt, cfg, step=6, epoch=0, offset=24, skipped_steps=0, data_fingerprint="abc")
     assert (tmp_path / "checkpoint.pt.tmp").exists()  # the stray half-written file
     state = train_module.load_checkpoint(tmp_path)
     assert state["step"] == 4 and torch.equal(state["steering"], torch.ones_like(model.steering))
