@@ -57,7 +57,7 @@ import torch
 
 import data
 import reward
-from model import Transformer, resolve_checkpoint
+from model import Transformer, auto_dtype, resolve_checkpoint
 from sample import Sampler
 
 # -----------------------------------------------------------------------------
@@ -89,9 +89,9 @@ class EvalConfig:
     data_dir: str | None = field(default=None, metadata={
         "help": f"dataset folder (default ${data.ENV_VAR}, else ../shared/data next to the repo)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: the model's)"})
-    dtype: str | None = field(default=None, metadata={
-        "help": "float32, bfloat16 or float16 (default: the checkpoint's on GPU, float32 on CPU, where half "
-                "precision matmuls are slow)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "float32, bfloat16, float16, or auto (model.auto_dtype: bfloat16 on CUDA and on CPUs with "
+                "native bf16 matmuls, else float32)"})
     device: str | None = field(default=None, metadata={
         "help": "default cuda (cuda:LOCAL_RANK under torchrun), else cpu"})
     steering_scale: float = field(default=1.0, metadata={"help": "alpha in h + alpha * steering[l]"})
@@ -409,7 +409,7 @@ def main(argv=None):
     benches = load_benches(cfg)
     device = cfg.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     tokenizer = data.Tokenizer.from_dir(cfg.tokenizer or resolve_checkpoint(cfg.model))
-    dtype = cfg.dtype or ("float32" if torch.device(device).type == "cpu" else None)
+    dtype = auto_dtype(device) if cfg.dtype == "auto" else cfg.dtype
     model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {cfg.model} only "

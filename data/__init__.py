@@ -2,6 +2,6 @@
 Depends only on huggingface-hub, tokenizers and jinja2: nothing here imports the model,
 the sampler, the trainer or the evaluator."""
 from data.chat import SYSTEM_PROMPT, Tokenizer
-from data.datasets import ENV_VAR, NAMES, load
+from data.datasets import ENV_VAR, NAMES, default_dir, load
 
-__all__ = ["ENV_VAR", "NAMES", "SYSTEM_PROMPT", "Tokenizer", "load"]
+__all__ = ["ENV_VAR", "NAMES", "SYSTEM_PROMPT", "Tokenizer", "default_dir", "load"]

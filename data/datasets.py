@@ -18,6 +18,7 @@ field names onto ours. Only JSON / JSONL hub files are used, so no parquet reade
   minerva        test         minerva.jsonl          HuggingFaceTB/math_tasks : data/minerva_math/test.jsonl
   olympiadbench  test         olympiadbench.jsonl    HuggingFaceTB/math_tasks : data/olympiadbench/test.jsonl
   deepscaler     train        deepscaler.jsonl       agentica-org/DeepScaleR-Preview-Dataset : deepscaler.json
+  arithmetic     train, test  (generated: data/arithmetic.py, seeded; no file, no hub)
 
 HuggingFaceTB/math_tasks mirrors the Qwen2.5-Math evaluation data, the same source as the
 local aime24 / amc23 / minerva / olympiadbench files; MATH12000 and MATH-500 are PRM800K's
@@ -51,6 +52,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from huggingface_hub import hf_hub_download
+
+from data import arithmetic
 
 ENV_VAR = "STEER_DATA_DIR"
 _SHOWN_BAD_ROWS = 20  # bad rows listed one by one in the warning; the rest are only counted
@@ -167,7 +170,11 @@ SOURCES: dict[str, Source] = {
     "deepscaler": Source({"train": "deepscaler"}, "agentica-org/DeepScaleR-Preview-Dataset",
                          {"train": "deepscaler.json"}),
 }
-NAMES = tuple(SOURCES)
+# Generated datasets: split -> rows, computed here (no file, no download).
+GENERATED: dict[str, Callable[[str], list[dict]]] = {"arithmetic": arithmetic.rows}
+SPLITS = {name: tuple(src.files) for name, src in SOURCES.items()}
+SPLITS["arithmetic"] = tuple(arithmetic.SPLIT_SEEDS)
+NAMES = tuple(SPLITS)
 
 # -----------------------------------------------------------------------------
 # Reading and checking rows.
@@ -250,17 +257,31 @@ def _local_file(folder: Path, stem: str) -> tuple[Path | None, list[Path]]:
     return next((p for p in tried if p.is_file()), None), tried
 
 
+def default_dir(explicit: str | os.PathLike | None = None) -> str | None:
+    """The data folder every CLI uses: `explicit` (a --data-dir flag) when given, else
+    $STEER_DATA_DIR, else ../shared/data beside the repository when it exists, else None (the hub)."""
+    if explicit:
+        return str(explicit)
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR]
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return str(shared) if shared.is_dir() else None
+
+
 def load(name: str, split: str | None = None, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """Rows of dataset `name` (one of NAMES) for `split`; see the module docstring."""
-    if name not in SOURCES:
+    if name not in SPLITS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(NAMES)}")
-    src = SOURCES[name]
+    splits = SPLITS[name]
     if split is None:
-        if len(src.files) > 1:
-            raise ValueError(f"{name} has splits {sorted(src.files)}: pass split= explicitly")
-        split = next(iter(src.files))
-    if split not in src.files:
-        raise ValueError(f"{name} has no split {split!r}; it has {sorted(src.files)}")
+        if len(splits) > 1:
+            raise ValueError(f"{name} has splits {sorted(splits)}: pass split= explicitly")
+        split = splits[0]
+    if split not in splits:
+        raise ValueError(f"{name} has no split {split!r}; it has {sorted(splits)}")
+    if name in GENERATED:
+        return GENERATED[name](split)
+    src = SOURCES[name]
     stem = src.files[split]
 
     folder = data_dir if data_dir is not None else os.environ.get(ENV_VAR)

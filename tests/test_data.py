@@ -121,7 +121,7 @@ def test_unknown_name_lists_the_known_ones():
     for name in ("gsm8k", "math", "math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench", "deepscaler"):
         assert name in str(err.value)
     assert set(data.NAMES) == {"gsm8k", "math", "math500", "aime24", "aime25", "amc23", "minerva",
-                               "olympiadbench", "deepscaler"}
+                               "olympiadbench", "deepscaler", "arithmetic"}
 
 
 def test_splits(tmp_path):
@@ -459,3 +459,31 @@ def test_data_imports_nothing_of_the_model_side():
         source = path.read_text()
         for module in ("model", "sample", "train", "eval", "reward", "rloo", "torch", "transformers"):
             assert f"import {module}" not in source and f"from {module} " not in source, (path, module)
+
+
+# -----------------------------------------------------------------------------
+# The generated arithmetic task (train.py --preset cpu-demo)
+
+
+def test_arithmetic_answers_are_the_true_values_and_splits_are_disjoint():
+    train, test = data.load("arithmetic", split="train"), data.load("arithmetic", split="test")
+    assert (len(train), len(test)) == (8192, 500)
+    for row in train[:300] + test:
+        a, op, b = row["problem"].removeprefix("What is ").removesuffix("?").split()
+        a, b = int(a), int(b)  # parsed independently of the generator, then recomputed
+        assert int(row["answer"]) == {"+": a + b, "-": a - b, "*": a * b}[op]
+    assert {op for r in test for op in r["problem"].split()[3:4]} == {"+", "-", "*"}
+    problems = [r["problem"] for r in train]
+    assert len(set(problems)) == len(problems)
+    assert not set(problems) & {r["problem"] for r in test}
+
+
+def test_arithmetic_is_seeded_and_needs_no_files(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))  # an empty data folder changes nothing
+    first = data.load("arithmetic", split="test")
+    assert first == data.load("arithmetic", split="test", data_dir=tmp_path / "absent")
+    assert first[0] == {"id": "arithmetic-test/0", "problem": "What is 401 - 752?", "answer": "-351"}
+    with pytest.raises(ValueError, match="arithmetic has splits"):
+        data.load("arithmetic")
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        data.load("arithmetic", split="dev")
