@@ -41,8 +41,6 @@ first problem (call_seed), so the random streams depend on how problems are grou
 """
 import argparse
 import json
-import math
-import os
 import statistics
 import sys
 import time
@@ -54,10 +52,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+import cluster
 import data
+import model as M
 import reward
-from model import Transformer, auto_dtype, resolve_checkpoint
 from sample import Sampler
 
 # -----------------------------------------------------------------------------
@@ -214,34 +214,6 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 # tokenizer and the grader come in as arguments so tests can swap in fakes.
 
 
-class Progress:
-    """A plain-text progress bar on stderr: redrawn in place on a terminal, else a line per 10 %."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        self.total, self.done, self.enabled = total, 0, enabled and total > 0
-        self.start, self.tty, self.next_line = time.time(), sys.stderr.isatty(), 0.0
-
-    def update(self, n: int, label: str):
-        self.done += n
-        if not self.enabled:
-            return
-        frac = self.done / self.total
-        if not self.tty and frac < self.next_line and self.done < self.total:
-            return
-        self.next_line = math.floor(frac * 10 + 1) / 10
-        elapsed = time.time() - self.start
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        line = (f"[{bar}] {self.done}/{self.total} samples  {elapsed:.0f}s elapsed, ~{eta:.0f}s left  "
-                f"{label}")
-        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
-
-
 def call_seed(seed: int, bench: str, first_index: int) -> int:
     """The sampler's seed for one generate call: distinct per benchmark and group of problems (the
     sampler hashes it with the prompt's position in the call), the same for every setup, so base
@@ -250,7 +222,7 @@ def call_seed(seed: int, bench: str, first_index: int) -> int:
 
 
 def evaluate_setup(sampler, tokenizer, setup: Setup, benches: dict[str, list[dict]], cfg: EvalConfig,
-                   grade, rank: int = 0, world: int = 1, progress: Progress | None = None) -> list[dict]:
+                   grade, rank: int = 0, world: int = 1, progress: tqdm | None = None) -> list[dict]:
     """Every sample of one setup on this rank's share of each benchmark, graded."""
     records = []
     for bench, problems in benches.items():
@@ -265,8 +237,8 @@ def evaluate_setup(sampler, tokenizer, setup: Setup, benches: dict[str, list[dic
                     temperature=setup.temperature, top_p=cfg.top_p, stop_token_ids=tokenizer.stop_token_ids,
                     seed=call_seed(seed, bench, mine[start][0]))
                 if progress is not None:
-                    progress.update(len(prompts[start:start + cfg.batch_prompts]) * k,
-                                    f"{setup.name} {bench} seed {seed}")
+                    progress.set_description(f"{setup.name} {bench} seed {seed}", refresh=False)
+                    progress.update(len(prompts[start:start + cfg.batch_prompts]) * k)
             flat = [(i, p, j, c) for (i, p), group in zip(mine, completions) for j, c in enumerate(group)]
             texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for _, _, _, c in flat]
             rewards = grade(texts, [p["answer"] for _, p, _, _ in flat])
@@ -335,19 +307,10 @@ def markdown_table(results: dict, setups: list[Setup], benches: list[str], model
 # Running it: data, model, distributed plumbing, outputs.
 
 
-def data_folder(cfg: EvalConfig) -> str | None:
-    if cfg.data_dir:
-        return cfg.data_dir
-    if os.environ.get(data.ENV_VAR):
-        return os.environ[data.ENV_VAR]
-    default = Path(__file__).resolve().parent.parent / "shared" / "data"
-    return str(default) if default.is_dir() else None  # None: data.load falls back to the hub
-
-
 def load_benches(cfg: EvalConfig) -> dict[str, list[dict]]:
     benches = {}
     for name in [b.strip() for b in cfg.bench.split(",") if b.strip()]:
-        problems = data.load(name, split="test", data_dir=data_folder(cfg))
+        problems = data.load(name, split="test", data_dir=data.default_dir(cfg.data_dir))
         benches[name] = problems[:cfg.limit] if cfg.limit is not None else problems
         if not benches[name]:
             raise ValueError(f"benchmark {name}: no problems (--limit {cfg.limit})")
@@ -356,28 +319,7 @@ def load_benches(cfg: EvalConfig) -> dict[str, list[dict]]:
     return benches
 
 
-def init_distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def gather(records: list[dict], world: int) -> list[dict]:
-    if world == 1:
-        return records
-    import torch.distributed as dist
-    parts = [None] * world
-    dist.all_gather_object(parts, records)
-    return [r for part in parts for r in part]
-
-
-def set_steering(model: Transformer, setup: Setup, scale: float):
+def set_steering(model: M.Transformer, setup: Setup, scale: float):
     if setup.steering is None:
         with torch.no_grad():
             model.steering.zero_()
@@ -404,32 +346,32 @@ def write_outputs(out: Path, cfg: EvalConfig, setups: list[Setup], benches: list
 
 def main(argv=None):
     cfg = apply_protocol(parse_args(argv))
-    rank, world = init_distributed()
     setups = make_setups(cfg)
     benches = load_benches(cfg)
-    device = cfg.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    tokenizer = data.Tokenizer.from_dir(cfg.tokenizer or resolve_checkpoint(cfg.model))
-    dtype = auto_dtype(device) if cfg.dtype == "auto" else cfg.dtype
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device)
+    # graders fork first, from a small process (before the model and CUDA take memory)
+    pool = reward.RewardPool(cfg.grade_workers, cfg.grade_timeout).start()
+    c = cluster.init(cfg.device or "auto")
+    tokenizer = data.Tokenizer.from_dir(cfg.tokenizer or M.resolve_checkpoint(cfg.model))
+    dtype = M.auto_dtype(c.device) if cfg.dtype == "auto" else cfg.dtype
+    model = M.Transformer.from_pretrained(cfg.model, dtype=dtype, device=c.device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {cfg.model} only "
                          f"{model.config.vocab_size} embedding rows: wrong --tokenizer?")
     sampler_args = {} if cfg.kv_cache_tokens is None else dict(kv_cache_tokens=cfg.kv_cache_tokens)
     sampler = Sampler(model, vocab_size=tokenizer.vocab_size, **sampler_args)
 
-    total = sum(len(range(rank, len(problems), world)) * samples_per_problem(cfg, b, s.temperature) * len(s.seeds)
-                for s in setups for b, problems in benches.items())
-    progress = Progress(total, enabled=rank == 0)
-    progress.update(0, "starting")
-    grade = lambda texts, answers: reward.score_batch(texts, answers, workers=cfg.grade_workers,  # noqa: E731
-                                                      timeout=cfg.grade_timeout)
+    total = sum(len(range(c.rank, len(problems), c.world)) * samples_per_problem(cfg, b, s.temperature)
+                * len(s.seeds) for s in setups for b, problems in benches.items())
+    progress = tqdm(total=total, unit="sample", disable=not (c.is_main and sys.stderr.isatty()))
     started, records = time.time(), []
     for setup in setups:
         set_steering(model, setup, cfg.steering_scale)
-        records += evaluate_setup(sampler, tokenizer, setup, benches, cfg, grade, rank, world, progress)
+        records += evaluate_setup(sampler, tokenizer, setup, benches, cfg, pool.score_batch, c.rank, c.world,
+                                  progress)
     progress.close()
-    records = gather(records, world)
-    if rank == 0:
+    pool.close()
+    records = cluster.gather(records, c)
+    if c.is_main:
         names = list(benches)
         results = summarize(records, [s.name for s in setups], names)
         table = markdown_table(results, setups, names, Path(cfg.model).name)
@@ -437,9 +379,7 @@ def main(argv=None):
         print(table)
         print(f"{len(records)} samples in {time.time() - started:.0f}s; wrote {cfg.out}/results.md, "
               f"results.json, samples.jsonl", file=sys.stderr)
-    if world > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    cluster.close()
 
 
 if __name__ == "__main__":

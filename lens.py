@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import Transformer, resolve_checkpoint
+import model as M
 
 
 @dataclass
@@ -151,9 +151,9 @@ def main(argv=None):
     model_id = args.model or meta.get("base_model")
     if not model_id:
         raise ValueError(f"{args.steering} names no base_model in its metadata: pass --model")
-    model = Transformer.from_pretrained(model_id)
+    model = M.Transformer.from_pretrained(model_id)
     model.load_steering(args.steering)
-    tokenizer = data.Tokenizer.from_dir(args.tokenizer or resolve_checkpoint(model_id))
+    tokenizer = data.Tokenizer.from_dir(args.tokenizer or M.resolve_checkpoint(model_id))
     vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
     lens = logit_lens(model.steering, model.head_weight, args.top_k,
                       norm=model.norm if args.after_norm else None, vocab_size=vocab_size)

@@ -493,9 +493,3 @@ def activation_bytes_per_token(cfg: Config, dtype: torch.dtype, recompute: bool)
     if recompute:
         return cfg.num_layers * cfg.hidden_size * dtype.itemsize + per_block
     return cfg.num_layers * per_block
-
-
-def token_logprobs(model, tokens, targets, temperature=1.0, vocab_size=None, chunk_size=1024):
-    """tokens, targets (B, T) -> log p(targets | prefix) (B, T), fp32; shared by train and eval."""
-    hidden = model.hidden_states(tokens)
-    return chunked_logprobs(hidden, model.head_weight, targets, temperature, vocab_size, chunk_size)

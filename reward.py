@@ -17,23 +17,18 @@ split in two:
    worker whose current item runs past `timeout` seconds, scores the item wrong and hands
    the rest of that worker's chunk to a fresh worker.
 
-`RewardPool` keeps the workers alive across calls (train.py creates one and reuses it every
-step); the module-level `score_batch` / `score` use a shared pool created on first need and
-shut down at exit.
+`RewardPool` keeps the workers alive across calls: a caller that scores batch after batch
+(train.py, eval.py) creates one and reuses it. The module-level `score_batch` / `score` are for
+one-off use: each call runs its own pool and stops its workers before returning.
 
 Security: model text is never evaluated as Python. Only math-verify's LaTeX extraction is
 used; its plain-expression extraction (`ExprExtractionConfig`) goes through sympy's
 `parse_expr`, which calls `eval`, so it is deliberately left out.
 """
-import argparse
-import atexit
 import ctypes
-import gzip
-import json
 import logging
 import multiprocessing as mp
 import os
-import random
 import re
 import signal
 import sys
@@ -42,7 +37,6 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from multiprocessing.connection import wait
-from pathlib import Path
 
 # Imported here, not in the workers: the import takes 1-2 s and forked workers inherit it.
 from math_verify import LatexExtractionConfig, parse, verify
@@ -235,7 +229,7 @@ class RewardPool:
         with RewardPool(workers=2) as pool:
             rewards = pool.score_batch(completions, answers, correct=1.0, wrong=-1.0)
 
-    Start method: "fork" on Linux. Measured by `python reward.py --bench` (2 workers, until
+    Start method: "fork" on Linux. Measured by `python bench/reward.py` (2 workers, until
     each has verified one item): fork 0.34 s, forkserver 1.4 s, spawn 1.6 s, because forked
     workers inherit the imported math_verify while the others re-import it, and re-run the
     caller's main module (train.py: torch and all), in every new worker, replacements after
@@ -435,125 +429,18 @@ class RewardPool:
 
 
 # -----------------------------------------------------------------------------
-# module-level API over a shared pool
-
-_shared: RewardPool | None = None
-
-
-def _shared_pool(workers: int | None) -> RewardPool:
-    """The process's pool; `workers` None or 0 takes whatever size it has (default on creation)."""
-    global _shared
-    if _shared is None or _shared._owner != os.getpid() or (workers and workers != _shared.workers):
-        if _shared is not None:
-            _shared.close()  # no-op in a forked child: those workers belong to the parent
-        _shared = RewardPool(workers)
-    return _shared
-
-
-@atexit.register
-def _close_shared_pool():
-    if _shared is not None:
-        _shared.close()
+# one-off scoring: a pool for the call
 
 
 def score_batch(completions: list[str], answers: list[str], correct: float = 1.0, wrong: float = 0.0,
                 workers: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[float]:
-    """`RewardPool.score_batch` on a pool shared by the process; its workers start the first
-    time an item needs math-verify and stop at exit."""
-    return _shared_pool(workers).score_batch(completions, answers, correct, wrong, timeout)
+    """`RewardPool.score_batch` on a pool of its own, whose workers start only if an item needs
+    math-verify and are stopped before this returns."""
+    with RewardPool(workers, timeout) as pool:
+        return pool.score_batch(completions, answers, correct, wrong)
 
 
 def score(completion: str, answer: str, timeout: float = DEFAULT_TIMEOUT) -> float:
-    """1.0 if the last box of `completion` equals `answer`, else 0.0 (through the shared pool, so
-    a pathological completion still ends within `timeout`)."""
+    """1.0 if the last box of `completion` equals `answer`, else 0.0 (math-verify, where needed, runs
+    in a worker with a hard time limit, so a pathological completion still ends within `timeout`)."""
     return score_batch([completion], [answer], timeout=timeout)[0]
-
-
-# -----------------------------------------------------------------------------
-# benchmark: python reward.py --bench [--data-dir DIR]
-
-def _adversarial(rng) -> list[str]:
-    junk = "".join(rng.choice("{}()[]^_\\$ abcx0123456789+-*/!") for _ in range(100_000))
-    return [
-        "\\boxed{" + "(" * 500 + "1" + ")" * 500 + "}",  # parser is exponential in depth
-        "The answer is \\boxed{9^{9^{9^{9}}}}",  # sympy evaluates the tower in C: only a kill stops it
-        "The answer is \\boxed{10^{10^{10}}!}",
-        junk,  # 100 KB, no box
-        "\\boxed{" + junk + "}",  # 100 KB in a box
-        "\\boxed{\\frac{1}{2" + "{" * 5000,  # never closes
-        "",
-    ]
-
-
-def bench(data_dir: Path, n: int, workers: int | None, timeout: float, seed: int):
-    path = data_dir / "math_train.jsonl.gz"
-    if not path.exists():
-        sys.exit(f"reward.py --bench: {path} not found; pass --data-dir or set STEER_DATA_DIR")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [r for r in map(json.loads, f) if r["answer"]]
-    rng = random.Random(seed)
-    rng.shuffle(rows)
-    rows, warm_rows = rows[:n], rows[n:2 * n]
-    solutions, answers = [r["solution"] for r in rows], [r["answer"] for r in rows]
-    others = answers[1:] + answers[:1]  # another problem's answer: mostly wrong, mostly reaches math-verify
-    adversarial = _adversarial(rng)
-    mixed = [adversarial[(i // 20) % len(adversarial)] if i % 20 == 0 else s for i, s in enumerate(solutions)]  # 5 %
-    workers = workers or default_workers()
-
-    print(f"worker start-up ({workers} workers, until each has verified one item):")
-    for method in ("fork", "forkserver", "spawn"):
-        t0 = time.perf_counter()
-        with RewardPool(workers, timeout, start_method=method) as pool:
-            pool.score_batch([f"\\boxed{{x+{i}}}" for i in range(workers)], ["y"] * workers)
-            print(f"  {method:10s} {time.perf_counter() - t0:6.2f} s")
-
-    def worker_cpu(pool) -> dict:  # pid -> CPU seconds: a figure that other load on the machine does not skew
-        return {pid: sum(map(int, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]))
-                / os.sysconf("SC_CLK_TCK") for pid in pool.pids()}
-
-    def run(pool, completions, golds):
-        t0 = time.perf_counter()
-        pool.score_batch(completions, golds)
-        return time.perf_counter() - t0
-
-    print(f"\nscore_batch on {n} MATH train completions, {workers} workers, timeout {timeout:g} s:")
-    print(f"  {'scenario':44s} {'to workers':>10s} {'timeouts':>8s} {'seconds':>8s} {'compl/s':>8s} "
-          f"{'worker CPU ms/item':>18s}")
-    took = {}
-    for name, completions, golds, warm in [
-        ("(a) reference solutions, own answers", solutions, answers, False),
-        ("(b) (a) + 5 % adversarial", mixed, answers, False),
-        ("(c) solutions vs another problem's answer", solutions, others, False),
-        (f"(c) warm workers (after {n} other items)", solutions, others, True),
-        ("(d) (c) + 5 % adversarial, warm", mixed, others, True),
-    ]:
-        with RewardPool(workers, timeout).start() as pool:
-            if warm:  # ANTLR's parser caches its decisions: a worker gets ~2x faster over its first items
-                run(pool, [r["solution"] for r in warm_rows], [r["answer"] for r in warm_rows[1:] + warm_rows[:1]])
-                pool.stats.clear()
-            cpu = worker_cpu(pool)
-            took[name[:3]] = seconds = run(pool, completions, golds)
-            cpu = sum(t - cpu.get(pid, 0.0) for pid, t in worker_cpu(pool).items())  # killed workers not counted
-            cpu *= 1000 / max(1, pool.stats["verified"])
-            print(f"  {name:44s} {pool.stats['verified'] + pool.stats['timeouts']:10d} "
-                  f"{pool.stats['timeouts']:8d} {seconds:8.2f} {n / seconds:8.0f} {cpu:18.1f}")
-    limit = took["(a)"] + 2 * timeout
-    print(f"\n(a) >= 300 completions/s: {'yes' if n / took['(a)'] >= 300 else 'NO'}; "
-          f"(b) {took['(b)']:.2f} s <= (a) + 2 x timeout = {limit:.2f} s: {'yes' if took['(b)'] <= limit else 'NO'}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="measure score_batch throughput and print a table")
-    shared_data = Path(__file__).resolve().parent.parent / "shared" / "data"
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("STEER_DATA_DIR") or shared_data),
-                        help="folder holding math_train.jsonl.gz (default: $STEER_DATA_DIR, else ../shared/data)")
-    parser.add_argument("--n", type=int, default=2048, help="completions per scenario (128 prompts x 16 rollouts)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs, at most 8)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="per-item limit in seconds")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    logging.basicConfig(level=logging.ERROR)  # the timeouts of (b) are expected
-    bench(args.data_dir, args.n, args.workers, args.timeout, args.seed)

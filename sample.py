@@ -14,9 +14,9 @@
   projections, MLP and steering; the closure only stores k/v into the pool and attends.
   Prefill packs variable-length sequences into one row (causal per sequence); decode feeds one
   token per running sequence and attends through the block tables.
-- Triton kernels on CUDA (KV store through a slot mapping, paged decode attention with
-  split-KV), decode captured in CUDA graphs; a pure-PyTorch path does the same on CPU and is
-  the reference the kernels are tested against.
+- kernels.py's Triton kernels on CUDA (KV store through a slot mapping, paged decode attention
+  with split-KV), decode captured in CUDA graphs; its pure-PyTorch path does the same on CPU and
+  is the reference the kernels are tested against.
 
 Sampling is reproducible per sequence: token t of rollout r of prompt p is drawn by inverse-CDF
 with one uniform number hashed from (seed, p, r, t). It depends on nothing else, so results do
@@ -26,8 +26,6 @@ log_softmax(logits[:vocab_size] / temperature) at the sampled token in fp32, ove
 distribution (not the top-p-truncated one) -- the same formula as model.chunked_logprobs, which
 the trainer scores with. For temperature 0 (greedy) they are the untempered log-softmax.
 """
-import argparse
-import os
 import random
 import time
 from collections import deque
@@ -36,13 +34,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import model as model_lib
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without triton still get the PyTorch path
-    triton = None
+import model as M
+from kernels import (HAS_TRITON, paged_decode_attention_torch, paged_decode_attention_triton, store_kv_torch,
+                     store_kv_triton)
 
 
 @dataclass
@@ -63,8 +57,23 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one generate() call asks of every sequence it runs."""
+    temperature: float  # 0 = greedy
+    top_p: float
+    stop_token_ids: frozenset[int]
+    seed: int
+    prompt_offset: int  # index of prompt 0 in the caller's whole batch (an input of the per-token hash)
+
 # -----------------------------------------------------------------------------
 # Blocks
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceil division: the number of b-token blocks that hold a tokens."""
+    return -(-a // b)
 
 
 class BlockManager:
@@ -103,167 +112,13 @@ class _Seq:
     rollout: int
     tokens: list[int]  # prompt + generated; the last one is not yet in the cache
     num_prompt: int
+    max_new_tokens: int  # its prompt's completion budget
     logprobs: list[float] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
 
     @property
     def num_generated(self) -> int:
         return len(self.tokens) - self.num_prompt
-
-# -----------------------------------------------------------------------------
-# Attention on the paged cache, PyTorch reference path
-
-
-def store_kv_torch(k_cache, v_cache, k, v, slots):
-    """k_cache/v_cache (num_blocks, block_size, KVH, D); k/v (N, KVH, D); slots (N,) = block*bs + offset."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
-
-
-def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    """q (B, H, D); block_tables (B, max_blocks); seq_lens (B,) -> (B, H, D).
-    Gathers every sequence's blocks into a padded (B, S, KVH, D) view and masks past its length.
-    The query heads sharing a KV head are grouped into one matmul, so K/V are never repeated
-    per query head. A row with length 0 gives zeros."""
-    B, H, D = q.shape
-    bs, kvh = k_cache.shape[1], k_cache.shape[2]
-    S = block_tables.shape[1] * bs
-    k = k_cache[block_tables].view(B, S, kvh, D)
-    v = v_cache[block_tables].view(B, S, kvh, D)
-    scores = q.view(B, kvh, H // kvh, D) @ k.permute(0, 2, 3, 1)  # (B, KVH, G, S)
-    mask = torch.arange(S, device=q.device)[None, :] < seq_lens[:, None]  # (B, S)
-    scores = scores.float().mul_(scale).masked_fill_(~mask[:, None, None, :], float("-inf"))
-    probs = scores.softmax(-1).nan_to_num_(0.0)  # an empty row is all -inf: NaN -> 0
-    out = probs.to(v.dtype) @ v.permute(0, 2, 1, 3)  # (B, KVH, G, D)
-    return out.view(B, H, D)
-
-# -----------------------------------------------------------------------------
-# Triton kernels (GPU hot paths; run on CPU tensors under TRITON_INTERPRET=1 in tests)
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-if triton is not None:
-
-    @triton.jit
-    def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                         ROW: tl.constexpr, ROW_PAD: tl.constexpr):
-        # one program per new token: copy its KVH*D key and value row into the pool slot
-        t = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        if slot >= 0:  # slot -1 = padding row of a CUDA-graph batch
-            offs = tl.arange(0, ROW_PAD)
-            mask = offs < ROW
-            k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
-            v = tl.load(v_ptr + t * stride_v + offs, mask=mask)
-            tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-                             scale, stride_bt, blocks_per_split,
-                             KVH: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                             BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr,
-                             IEEE: tl.constexpr):
-        # grid (B, KVH, NUM_SPLITS): the GROUP query heads sharing one KV head form the M side of
-        # tl.dot (padded to GROUP_PAD >= 16 rows, masked); each split walks its range of blocks
-        # with an online softmax and writes a partial output + log-sum-exp for the merge kernel.
-        b = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
-        H = KVH * GROUP
-        seq_len = tl.load(seq_lens_ptr + b)
-        g = tl.arange(0, GROUP_PAD)
-        gmask = g < GROUP
-        heads = kvh * GROUP + g
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + b * (H * D) + heads[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
-        if UPCAST:  # the interpreter computes bf16/fp16 arithmetic wrongly: work in fp32
-            q = q.to(tl.float32)
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, D], tl.float32)
-        first = split * blocks_per_split
-        last = tl.minimum(first + blocks_per_split, tl.cdiv(seq_len, BLOCK))
-        toks = tl.arange(0, BLOCK)
-        for j in range(first, last):
-            block = tl.load(block_tables_ptr + b * stride_bt + j).to(tl.int64)
-            valid = j * BLOCK + toks < seq_len
-            offs = (block * BLOCK + toks)[:, None] * (KVH * D) + kvh * D + d[None, :]
-            k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (GROUP_PAD, BLOCK) fp32
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every visited block has a valid key
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        # a split with no keys (short sequence, padding row) has l_i == 0: write 0 and lse -inf
-        has = l_i > 0
-        out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-        row = (b * H + heads) * NUM_SPLITS + split  # partials laid out (B, H, NUM_SPLITS, D)
-        tl.store(out_ptr + row[:, None] * D + d[None, :], out, mask=gmask[:, None])
-        tl.store(lse_ptr + row, lse, mask=gmask)
-
-    @triton.jit
-    def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                             D: tl.constexpr):
-        # grid (B * H,): combine the split partials with their log-sum-exps
-        row = tl.program_id(0).to(tl.int64)
-        s = tl.arange(0, SPLITS_PAD)
-        smask = s < NUM_SPLITS
-        d = tl.arange(0, D)
-        lse = tl.load(lse_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
-        part = tl.load(part_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-        m = tl.max(lse, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)  # fully masked row: all weights 0, output 0
-        w = tl.exp(lse - m)
-        total = tl.sum(w, axis=0)
-        out = tl.sum(w[:, None] * part, axis=0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
-
-
-def store_kv_triton(k_cache, v_cache, k, v, slots):
-    """Same contract as store_kv_torch; slots < 0 are skipped."""
-    n = k.shape[0]
-    k, v = k.reshape(n, -1), v.reshape(n, -1)
-    assert k.stride(1) == 1 and v.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    row = k.shape[1]
-    _store_kv_kernel[(n,)](k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0),
-                           ROW=row, ROW_PAD=triton.next_power_of_2(row))
-
-
-def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=1):
-    """Same contract as paged_decode_attention_torch. block_tables int32 (B, max_blocks)."""
-    B, H, D = q.shape
-    block, kvh = k_cache.shape[1], k_cache.shape[2]
-    group = H // kvh
-    assert block >= 16 and D >= 16 and D & (D - 1) == 0, "tl.dot needs block_size >= 16 and a power-of-2 head_dim >= 16"
-    q = q.contiguous()
-    parts = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
-    blocks_per_split = triton.cdiv(block_tables.shape[1], num_splits)
-    upcast = INTERPRET or q.dtype == torch.float32
-    _paged_decode_kernel[(B, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, parts, lse, scale, block_tables.stride(0), blocks_per_split,
-        KVH=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=block,
-        NUM_SPLITS=num_splits, UPCAST=upcast, IEEE=upcast)
-    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    _merge_splits_kernel[(B * H,)](parts, lse, out, NUM_SPLITS=num_splits,
-                                   SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), D=D)
-    return out
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -332,11 +187,11 @@ class Sampler:
             raise ValueError(f"vocab_size {vocab_size} must be in 1..{cfg.vocab_size} (the model's vocabulary)")
         self.max_batch_tokens, self.max_num_seqs, self.max_seq_len = max_batch_tokens, max_num_seqs, max_seq_len
         self.use_triton = self.device.type == "cuda" if use_triton is None else use_triton
-        if self.use_triton and triton is None:
+        if self.use_triton and not HAS_TRITON:
             raise RuntimeError("use_triton needs the triton package")
         self.scale = cfg.head_dim ** -0.5
 
-        bytes_per_block = cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        bytes_per_block = M.kv_bytes_per_token(cfg, self.dtype) * block_size
         if kv_cache_tokens is not None:
             num_blocks = kv_cache_tokens // block_size
         elif self.device.type == "cuda":
@@ -372,12 +227,11 @@ class Sampler:
         self.stats = Stats()
         self.blocks = BlockManager(self.blocks.num_blocks)  # whole again even if a previous call was interrupted
         seed = random.getrandbits(63) if seed is None else seed
-        self.request = dict(max_new=limits, temperature=temperature, top_p=top_p,
-                            stop=set(stop_token_ids), seed=seed, prompt_offset=prompt_offset)
+        self.params = SamplingParams(temperature, top_p, frozenset(stop_token_ids), seed, prompt_offset)
         self.results = [[None if limit else Completion([], [], "length") for _ in range(n)] for limit in limits]
         # waiting work: lists of sequences with identical tokens, prefilled together (a prompt's
         # n fresh rollouts, or a single pre-empted sequence)
-        self.waiting = deque([[_Seq(p, r, list(tokens), len(tokens)) for r in range(n)]
+        self.waiting = deque([[_Seq(p, r, list(tokens), len(tokens), limits[p]) for r in range(n)]
                               for p, tokens in enumerate(prompts) if limits[p] > 0])
         self.running: list[_Seq] = []
         while self.waiting or self.running:
@@ -402,7 +256,7 @@ class Sampler:
             if max(p) >= self.model.config.vocab_size or min(p) < 0:
                 raise ValueError(f"prompt {i} has token ids outside 0..{self.model.config.vocab_size - 1}")
             total = len(p) + max_new_tokens
-            need = -(-total // self.block_size)
+            need = cdiv(total, self.block_size)
             if need > self.blocks.num_blocks or total > self.max_seq_len:
                 raise ValueError(f"prompt {i}: {len(p)} prompt tokens + max_new_tokens {max_new_tokens} = {total} "
                                  f"tokens need {need} KV blocks of {self.block_size}, but the pool has "
@@ -442,36 +296,42 @@ class Sampler:
             num_seqs += k
         return admitted
 
-    def _preempt(self, seq):
+    def _free(self, seq):
+        """Give back the sequence's blocks (a prompt block shared with other rollouts stays theirs)."""
         for b in seq.blocks:
             self.blocks.release(b)
         seq.blocks = []
+
+    def _needs_block(self, seq) -> bool:
+        """Whether the pending token's slot (len - 1) lies past the sequence's blocks."""
+        return len(seq.tokens) - 1 >= len(seq.blocks) * self.block_size
+
+    def _preempt(self, seq):
+        self._free(seq)
         self.waiting.appendleft([seq])
         self.stats.preemptions += 1
 
     def _finish_or_keep(self, seqs, tokens, logprobs):
         """Append the sampled token to each sequence; retire finished ones (their blocks go back at once)."""
-        req = self.request
         keep = []
         for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
             seq.tokens.append(tok)
             seq.logprobs.append(lp)
-            reason = "stop" if tok in req["stop"] else "length" if seq.num_generated >= req["max_new"][seq.prompt] else None
+            reason = ("stop" if tok in self.params.stop_token_ids else
+                      "length" if seq.num_generated >= seq.max_new_tokens else None)
             if reason is None:
                 keep.append(seq)
                 continue
-            for b in seq.blocks:
-                self.blocks.release(b)
-            seq.blocks = []
+            self._free(seq)
             self.results[seq.prompt][seq.rollout] = Completion(seq.tokens[seq.num_prompt:], seq.logprobs, reason)
         return keep
 
     def _sample(self, seqs, logits):
-        req = self.request
-        meta = torch.tensor([[s.prompt + req["prompt_offset"], s.rollout, s.num_generated] for s in seqs],
-                            device=logits.device)
-        u = sequence_uniforms(req["seed"], meta[:, 0], meta[:, 1], meta[:, 2])
-        return sample_tokens(logits.float(), req["temperature"], req["top_p"], u)
+        params = self.params
+        meta = torch.tensor([[s.prompt + params.prompt_offset, s.rollout, s.num_generated] for s in seqs],
+                            device=logits.device)  # (B, 3)
+        u = sequence_uniforms(params.seed, meta[:, 0], meta[:, 1], meta[:, 2])
+        return sample_tokens(logits.float(), params.temperature, params.top_p, u)
 
     def _track_peak(self):
         used = self.blocks.num_blocks - self.blocks.num_free
@@ -486,7 +346,7 @@ class Sampler:
         for item in items:
             seq = item[0]
             length = len(seq.tokens)
-            seq.blocks = [self.blocks.allocate() for _ in range(-(-length // bs))]
+            seq.blocks = [self.blocks.allocate() for _ in range(cdiv(length, bs))]
             bounds.append((len(tokens), len(tokens) + length))
             tokens += seq.tokens
             positions += range(length)
@@ -527,7 +387,7 @@ class Sampler:
         def attend(layer, q, k, v):  # q (1, N, H, D), k/v (1, N, KVH, D)
             store(self.pool[layer, 0], self.pool[layer, 1], k[0], v[0], slots)
             # each sequence attends causally to itself only (no cached prefix: prefill always starts at 0)
-            outs = [model_lib.causal_attention(layer, q[:, s:e], k[:, s:e], v[:, s:e]) for s, e in bounds]
+            outs = [M.causal_attention(layer, q[:, s:e], k[:, s:e], v[:, s:e]) for s, e in bounds]
             return torch.cat(outs, dim=1)
         return attend
 
@@ -536,15 +396,14 @@ class Sampler:
     def _decode(self):
         t0 = time.perf_counter()
         bs = self.block_size
-        # the pending (last) token of each sequence goes to slot len-1: some need a fresh block
-        need = sum(1 for s in self.running if len(s.tokens) - 1 >= len(s.blocks) * bs)
+        # some pending tokens open a fresh block: pre-empt the newest sequences until the pool has them
+        need = sum(map(self._needs_block, self.running))
         while need > self.blocks.num_free:
             victim = self.running.pop()  # the most recently admitted
-            if len(victim.tokens) - 1 >= len(victim.blocks) * bs:
-                need -= 1
+            need -= self._needs_block(victim)
             self._preempt(victim)
         for s in self.running:
-            if len(s.tokens) - 1 >= len(s.blocks) * bs:
+            if self._needs_block(s):
                 s.blocks.append(self.blocks.allocate())
         self._track_peak()
         seqs = self.running
@@ -601,7 +460,7 @@ class _DecodeGraphs:
         self.s = sampler
         dev = sampler.device
         n = GRAPH_BATCH_SIZES[-1]
-        self.width = -(-sampler.max_seq_len // sampler.block_size)
+        self.width = cdiv(sampler.max_seq_len, sampler.block_size)
         self.tok = torch.zeros(n, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
         self.slot = torch.full((n,), -1, dtype=torch.long, device=dev)
@@ -643,224 +502,3 @@ class _DecodeGraphs:
             self._capture(batch)
         self.graphs[batch].replay()
         return self.outputs[batch][:b]
-
-# -----------------------------------------------------------------------------
-# Benchmark: python sample.py --tiny | --model PATH | --shape qwen2.5-1.5b
-
-SHAPES = {  # random weights with a real model's shapes
-    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         tie_word_embeddings=True, rope_theta=1000000.0),
-    "tiny": dict(model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-}
-
-
-def _bench_prompts(args, folder):
-    """GSM8K problems rendered with the checkpoint's chat template (token ids), and its vocab size."""
-    import json
-    from pathlib import Path
-    shared = Path(os.environ.get("STEER_DATA_DIR", Path(__file__).resolve().parent.parent / "shared" / "data"))
-    path = Path(args.data_dir or shared) / "gsm8k_test.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: pass --data-dir (the folder with gsm8k_test.jsonl)")
-    problems = [json.loads(line)["problem"] for line in path.read_text().splitlines()[:args.prompts]]
-    from data import Tokenizer
-    tok = Tokenizer.from_dir(folder)
-    return [tok.encode_prompt(p) for p in problems], tok.vocab_size
-
-
-def _hf_twin(model, dtype, device, path=None):
-    """An HF transformers model holding the same weights as ours (the reference to race against)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if path:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    cfg = model.config
-    hf_cfg = AutoConfig.for_model(cfg.model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                                  intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                                  rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-                                  tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=32768)
-    with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
-    state = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in model.state_dict().items()
-             if k != "steering"}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in k or "rotary" in k for k in missing), (missing, unexpected)
-    return hf
-
-
-class _PeakRSS:
-    """Peak resident memory above the starting level while the block runs (CPU), sampled every 5 ms."""
-
-    def __enter__(self):
-        import threading
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.start = self.peak = self._rss()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _watch(self):
-        while not self.done.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.gib = (max(self.peak, self._rss()) - self.start) / 2 ** 30
-
-
-def _timed(fn, warmup, device, repeats):
-    """Median seconds over `repeats` calls of fn after one call of warmup, and the peak extra memory (GiB)."""
-    warmup()
-    times, peak = [], 0.0
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-            peak = max(peak, (torch.cuda.max_memory_allocated(device) - base) / 2 ** 30)
-        else:
-            with _PeakRSS() as mem:
-                t0 = time.perf_counter()
-                out = fn()
-                times.append(time.perf_counter() - t0)
-            peak = max(peak, mem.gib)
-    times.sort()
-    return times[len(times) // 2], peak, out
-
-
-def _copy_bandwidth(device):
-    """Device-to-device copy bandwidth in bytes/s (reads + writes), the HBM roofline's denominator."""
-    x = torch.empty(2 ** 29, dtype=torch.float32, device=device)  # 2 GiB
-    y = torch.empty_like(x)
-    y.copy_(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        y.copy_(x)
-    end.record()
-    torch.cuda.synchronize(device)
-    return 10 * 2 * x.numel() * 4 / (start.elapsed_time(end) / 1e3)
-
-
-def bench(argv=None):
-    ap = argparse.ArgumentParser(description="Benchmark the sampler (prefill / decode tokens/s, peak memory) "
-                                             "against HF transformers generate on the same model and batch.")
-    what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="checkpoint folder (with tokenizer.json): GSM8K prompts in its chat template")
-    what.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], help="random weights, real shapes")
-    what.add_argument("--tiny", action="store_true", help="a tiny random model: runs on CPU in seconds")
-    ap.add_argument("--prompts", type=int, help="number of prompts (default 8 with --model, 256 with --shape)")
-    ap.add_argument("--n", type=int, help="rollouts per prompt (default 4 with --model, 1 otherwise)")
-    ap.add_argument("--prompt-len", type=int, default=256, help="random prompt length without --model")
-    ap.add_argument("--max-new-tokens", type=int, help="default 256 (--model), 1024 (--shape), 32 (--tiny)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--dtype", choices=sorted(model_lib.DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--kv-cache-tokens", type=int, help="pool size (default: from memory)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (median reported)")
-    ap.add_argument("--data-dir", help="folder with gsm8k_test.jsonl (default ../shared/data or $STEER_DATA_DIR)")
-    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers reference")
-    ap.add_argument("--threads", type=int, help="CPU threads for both engines (1 avoids OpenMP thrashing on a "
-                                                 "machine shared with other jobs)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = model_lib.DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    torch.manual_seed(0)
-
-    vocab_size = None
-    if args.model:
-        m = model_lib.Transformer.from_pretrained(args.model, dtype=dtype, device=device)
-        args.prompts = args.prompts or 8
-        prompts, vocab_size = _bench_prompts(args, args.model)
-        n, max_new = args.n or 4, args.max_new_tokens or 256
-    else:
-        name = "tiny" if args.tiny else args.shape
-        cfg = model_lib.Config.from_dict(SHAPES[name], source=name)
-        with torch.device(device):
-            m = model_lib.Transformer(cfg).eval()
-        for pname, p in m.named_parameters():  # base weights in `dtype`, steering stays fp32 (as from_pretrained)
-            if pname != "steering":
-                # small-variance init so activations stay sane through 28 layers
-                p.data = (torch.randn_like(p) * 0.02 if p.dim() > 1 else p.data).to(dtype)
-        m.requires_grad_(False)
-        count = args.prompts or (4 if args.tiny else 256)
-        length = 16 if args.tiny and args.prompt_len == 256 else args.prompt_len
-        prompts = torch.randint(0, cfg.vocab_size, (count, length)).tolist()
-        n, max_new = args.n or 1, args.max_new_tokens or (32 if args.tiny else 1024)
-
-    cfg = m.config
-    batch = len(prompts) * n
-    print(f"model {cfg.name or args.shape or 'tiny'}: L={cfg.num_layers} d={cfg.hidden_size} "
-          f"heads={cfg.num_heads}/{cfg.num_kv_heads} V={cfg.vocab_size} {dtype} on {device}; "
-          f"{len(prompts)} prompts x n={n} = {batch} sequences, prompt tokens {sum(map(len, prompts))}, "
-          f"{max_new} new tokens each (stop ids ignored), temperature {args.temperature}, "
-          f"{torch.get_num_threads()} CPU threads")
-    kv_tokens = args.kv_cache_tokens
-    if kv_tokens is None and device.type == "cpu":  # room for everything at once, not the 2 GiB default
-        kv_tokens = batch * (max(map(len, prompts)) + max_new + 16)
-    sampler = Sampler(m, kv_cache_tokens=kv_tokens, vocab_size=vocab_size, max_num_seqs=max(batch, 1))
-    def run(new):
-        return sampler.generate(prompts, n=n, max_new_tokens=new, temperature=args.temperature, seed=0)
-    warm_new = max_new if device.type == "cuda" else min(max_new, 8)  # GPU: compile + capture every batch size
-    seconds, peak, _ = _timed(lambda: run(max_new), lambda: run(warm_new), device, args.repeats)
-    st = sampler.stats
-    served = n * sum(map(len, prompts))  # prompt tokens served; a shared prompt is computed once
-    rows = [("ours", served / st.prefill_seconds, st.decode_tokens / st.decode_seconds,
-             batch * max_new / seconds, peak)]
-    print(f"ours: pool {sampler.blocks.num_blocks} blocks x {sampler.block_size} tokens, peak blocks used "
-          f"{st.peak_blocks_used}, pre-emptions {st.preemptions}, decode steps {st.decode_steps}")
-
-    if not args.no_hf:
-        hf = _hf_twin(m, dtype, device, args.model)
-        width = max(map(len, prompts))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) \
-            if args.temperature > 0 else dict(do_sample=False)
-
-        def hf_run(new):
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                   num_return_sequences=n, pad_token_id=0, eos_token_id=None, **sampling)
-        prefill_s, _, _ = _timed(lambda: hf_run(1), lambda: hf_run(1), device, args.repeats)
-        total_s, hf_peak, out = _timed(lambda: hf_run(max_new), lambda: hf_run(warm_new), device, args.repeats)
-        assert out.shape == (batch, width + max_new), out.shape
-        rows.append(("HF generate", served / prefill_s, batch * (max_new - 1) / (total_s - prefill_s),
-                     batch * max_new / total_s, hf_peak))
-
-    print(f"{'engine':<12} {'prefill tok/s':>14} {'decode tok/s':>13} {'overall new tok/s':>18} {'peak mem GiB':>13}")
-    for name, pre, dec, overall, mem in rows:
-        print(f"{name:<12} {pre:>14.1f} {dec:>13.1f} {overall:>18.1f} {mem:>13.2f}")
-    if args.no_hf is False:
-        print("prefill tok/s = prompt tokens served (n x prompt tokens) / prefill time; HF prefill = generate "
-              "with 1 new token over the left-padded batch, HF decode = the rest")
-    if device.type == "cuda":
-        # each decode step reads every weight once plus the KV of all running sequences
-        weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
-        kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-        mean_len = sum(map(len, prompts)) / len(prompts) + max_new / 2
-        step_bytes = weight_bytes + batch * mean_len * kv_per_token
-        bw = _copy_bandwidth(device)
-        roof = batch * bw / step_bytes
-        print(f"HBM roofline: {step_bytes / 2 ** 30:.2f} GiB per decode step (weights {weight_bytes / 2 ** 30:.2f} "
-              f"+ KV at mean length {mean_len:.0f}) at copy bandwidth {bw / 1e9:.0f} GB/s -> {roof:.0f} tok/s; "
-              f"ours reaches {rows[0][2] / roof:.0%}")
-
-
-if __name__ == "__main__":
-    bench()

@@ -7,7 +7,7 @@ One step, on every rank:
 
     prompts of the step  --split by rank-->  this rank's prompts (a prompt's N rollouts stay together)
     sample N rollouts per prompt with sample.Sampler on the live model (steering included)
-    reward each rollout (math: reward.RewardPool; toy: a token-count reward), RLOO advantages
+    task.reward of each rollout (math: math-verify on the boxed answer; toy: a token count), RLOO advantages
     loss = rloo.policy_loss over token-budgeted micro-batches, backward into model.steering only
     all_reduce(steering.grad, SUM)  -- the only tensor that crosses ranks: L x d floats
     clip, AdamW step (identical on every rank, so the vectors never drift apart)
@@ -28,16 +28,17 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+import cluster
 import model as M
 import rloo
 from sample import Sampler
@@ -105,7 +106,9 @@ class TrainConfig:
     out_dir: str = _opt("", "run directory (default: runs/<task>-<time>); refused if it exists and is not empty")
     resume: str = _opt("", "continue the run in this directory from its last checkpoint (other flags not allowed)")
     checkpoint_every: int = _opt(50, "checkpoint every this many steps (and always at the end)")
-    preset: str = _opt("", "start from a named set of defaults: quickstart (tiny random model, toy task, CPU)")
+    preset: str = _opt("", "start from a named set of defaults (flags given override them): quickstart (tiny "
+                       "random model, toy task, CPU, ~20 s), cpu-demo (a real 0.5B instruct model on generated "
+                       "arithmetic, CPU, ~15 min), cpu-gsm8k (the same model on GSM8K, CPU, ~90 min)")
     # the toy task and the random-tiny model
     toy_target: int = _opt(5, "toy task: the token id whose frequency in completions is the reward")
     toy_prompts: int = _opt(2048, "toy task: number of random prompts")
@@ -128,6 +131,11 @@ PRESETS = {
     "cpu-demo": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="math", dataset="arithmetic", device="cpu",
                      prompts_per_step=16, rollouts=4, max_new_tokens=96, max_len=256, max_prompt_len=128,
                      lr=5e-3, warmup=0.0, max_steps=8, checkpoint_every=1, micro_batch_tokens=4096),
+    # The real benchmark on 2 CPU cores in ~90 minutes: GSM8K train, 8 prompts x 8 rollouts (a group of
+    # 8 leaves fewer all-wrong prompts without signal than 4 at a ~20 % base accuracy), 256 new tokens.
+    "cpu-gsm8k": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="math", dataset="gsm8k", device="cpu",
+                      prompts_per_step=8, rollouts=8, max_new_tokens=256, max_len=768, max_prompt_len=512,
+                      lr=5e-3, warmup=0.0, max_steps=24, checkpoint_every=2, micro_batch_tokens=4096),
 }
 
 
@@ -171,8 +179,8 @@ def load_config(path: Path, resume: str) -> TrainConfig:
 
 def check_config(cfg: TrainConfig, world: int):
     problems = []
-    if cfg.task not in ("math", "toy"):
-        problems.append(f"--task {cfg.task!r}: use math or toy")
+    if cfg.task not in TASKS:
+        problems.append(f"--task {cfg.task!r}: use one of {sorted(TASKS)}")
     if cfg.rollouts < 2:
         problems.append(f"--rollouts {cfg.rollouts}: RLOO needs at least 2 rollouts per prompt")
     if cfg.prompts_per_step % world:
@@ -197,30 +205,7 @@ def check_config(cfg: TrainConfig, world: int):
         raise SystemExit("config error: " + "; ".join(problems))
 
 # -----------------------------------------------------------------------------
-# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. A plain `python train.py`
-# gets a one-process group on an in-memory store, so the step code has no single-process branch.
-
-
-def init_distributed(cfg: TrainConfig):
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        device = torch.device("cuda", local_rank)  # one GPU per process; ranks of other nodes count from 0 again
-        torch.cuda.set_device(device)
-    elif want == "cpu":
-        device = torch.device("cpu")
-    else:
-        raise SystemExit(f"--device {cfg.device!r}: use auto, cpu or cuda")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                device_id=device if device.type == "cuda" else None)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return rank, world, device
+# Memory: whether the backward recomputes blocks
 
 
 def available_host_memory() -> int:
@@ -245,23 +230,21 @@ def use_recompute(cfg: TrainConfig, model, device) -> bool:
     return 2 * need > available_host_memory()
 
 
-def broadcast(obj, rank):
-    """Rank 0's Python object, on every rank (run-directory decisions, resume state)."""
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
 # -----------------------------------------------------------------------------
-# Tasks: prompts as token ids, plus what scoring their completions needs (answers, stop ids).
+# Tasks: prompts as token ids, and the reward of their completions. A task is built by one
+# function in TASKS; adding a reward means adding one such function.
 
 
 @dataclass
 class Task:
     prompts: list[list[int]]
-    answers: list[str] | None  # math: gold answers; toy: None
+    answers: list[str] | None  # gold answers (math), hashed into the fingerprint; None when the reward needs none
     stop_token_ids: list[int]
     vocab_size: int | None  # the tokenizer's real vocabulary (the head's padding rows are never sampled)
     skipped_prompts: int  # dropped at startup: longer than max_prompt_len
+    # (completions as token ids, the dataset index of each one's prompt) -> (rewards, correct as 1/0)
+    reward: Callable[[list[list[int]], list[int]], tuple[list[float], list[float]]]
+    close: Callable[[], None] = lambda: None  # frees what the reward holds (worker processes)
 
     def fingerprint(self) -> str:
         """Hash of the prompts (token ids) and answers: a resumed run must see the same data."""
@@ -289,42 +272,54 @@ def build_tiny_model(folder: Path, cfg: TrainConfig):
     atomic_write_text(folder / "config.json", json.dumps(raw, indent=2))
 
 
-def toy_task(cfg: TrainConfig, vocab_size: int) -> Task:
+def toy_task(cfg: TrainConfig, model_path, is_main: bool) -> Task:
+    """Random prompts; reward = the share of completion tokens equal to --toy-target: smooth, so
+    learning shows at once. No tokenizer, no data."""
+    vocab_size = M.Config.from_json(M.resolve_checkpoint(model_path) / "config.json").vocab_size
     if not 0 <= cfg.toy_target < vocab_size:
         raise SystemExit(f"--toy-target {cfg.toy_target} is not a token id of this model (vocab {vocab_size})")
     g = torch.Generator().manual_seed(cfg.seed)
     lo, hi = max(1, cfg.toy_prompt_len // 2), cfg.toy_prompt_len
     lengths = torch.randint(lo, hi + 1, (cfg.toy_prompts,), generator=g).tolist()
     prompts = [torch.randint(0, vocab_size, (k,), generator=g).tolist() for k in lengths]
-    return Task(prompts, None, [], vocab_size, 0)
+
+    def reward(completions, prompt_indices):
+        rewards = [sum(t == cfg.toy_target for t in c) / max(1, len(c)) for c in completions]
+        return rewards, [float(r >= 0.5) for r in rewards]
+    return Task(prompts, None, [], vocab_size, 0, reward)
 
 
-def toy_rewards(completions: list[list[int]], target: int) -> list[float]:
-    """The share of a completion's tokens that are `target`: smooth, so learning shows at once."""
-    return [sum(t == target for t in c) / max(1, len(c)) for c in completions]
-
-
-def math_task(cfg: TrainConfig, rank: int):
+def math_task(cfg: TrainConfig, model_path, is_main: bool) -> Task:
+    """Dataset problems in the model's chat template; reward = the last \\boxed{} checked against
+    the gold answer by math-verify (reward.RewardPool): +1 / -1 (--reward pm1) or 1 / 0."""
     import data
-    folder = cfg.tokenizer or M.resolve_checkpoint(cfg.model)
-    tok = data.Tokenizer.from_dir(folder)
-    data_dir = cfg.data_dir or os.environ.get(data.ENV_VAR)
-    if not data_dir and (Path(__file__).resolve().parent.parent / "shared" / "data").is_dir():
-        data_dir = str(Path(__file__).resolve().parent.parent / "shared" / "data")
-    rows = data.load(cfg.dataset, split="train", data_dir=data_dir or None)
+    import reward
+    # the workers fork now, from a small process: before the model and CUDA take memory
+    pool = reward.RewardPool(workers=cfg.reward_workers or None, timeout=cfg.reward_timeout).start()
+    tok = data.Tokenizer.from_dir(cfg.tokenizer or M.resolve_checkpoint(model_path))
+    rows = data.load(cfg.dataset, split="train", data_dir=data.default_dir(cfg.data_dir))
     prompts, answers, skipped = [], [], 0
     for row in rows:
-        ids = tok.encode_prompt(row["problem"])
-        if len(ids) > cfg.max_prompt_len:
+        tokens = tok.encode_prompt(row["problem"])
+        if len(tokens) > cfg.max_prompt_len:
             skipped += 1
             continue
-        prompts.append(ids)
+        prompts.append(tokens)
         answers.append(row["answer"])
     if not prompts:
         raise SystemExit(f"{cfg.dataset}: no prompt fits --max-prompt-len {cfg.max_prompt_len}")
-    if rank == 0:
+    if is_main:
         print(f"{cfg.dataset}: {len(prompts)} prompts, {skipped} skipped (longer than {cfg.max_prompt_len} tokens)")
-    return Task(prompts, answers, tok.stop_token_ids, tok.vocab_size, skipped), tok
+    wrong = -1.0 if cfg.reward == "pm1" else 0.0
+
+    def score(completions, prompt_indices):
+        texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+        rewards = pool.score_batch(texts, [answers[i] for i in prompt_indices], correct=1.0, wrong=wrong)
+        return rewards, [float(r == 1.0) for r in rewards]
+    return Task(prompts, answers, tok.stop_token_ids, tok.vocab_size, skipped, score, pool.close)
+
+
+TASKS = {"math": math_task, "toy": toy_task}
 
 # -----------------------------------------------------------------------------
 # Data order: one seeded permutation per epoch; step s reads positions [o, o + P) of epoch e.
@@ -342,32 +337,18 @@ def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
 # Rollouts and rewards
 
 
-def sample(sampler, task: Task, cfg: TrainConfig, step: int, ids: list[int], first: int):
-    """N rollouts of each of this rank's prompts -> [(tokens, sampler log-probs)] prompt-major, and
-    whether each was truncated. The sampler hashes each random draw from (seed, prompt index,
-    rollout, position): with the step's seed and this rank's offset into the step, a prompt gets
-    the same rollouts whatever the number of ranks (exactly on CPU; on GPU up to float rounding,
-    which batch composition changes). Each prompt has its own budget: max_len - its length, or
-    max_new_tokens when that is smaller."""
-    prompts = [task.prompts[i] for i in ids]
+def sample(sampler, task: Task, cfg: TrainConfig, step: int, prompt_indices: list[int], rank_offset: int):
+    """N rollouts of each of this rank's prompts, flat and prompt-major. The sampler hashes each
+    random draw from (seed, prompt index, rollout, position): with the step's seed and this rank's
+    offset into the step, a prompt gets the same rollouts whatever the number of ranks (exactly on
+    CPU; on GPU up to float rounding, which batch composition changes). Each prompt has its own
+    budget: max_len - its length, or max_new_tokens when that is smaller."""
+    prompts = [task.prompts[i] for i in prompt_indices]
     budgets = [min(cfg.max_new_tokens or cfg.max_len, cfg.max_len - len(p)) for p in prompts]
     groups = sampler.generate(prompts, n=cfg.rollouts, max_new_tokens=budgets, temperature=cfg.temperature,
                               top_p=cfg.top_p, stop_token_ids=task.stop_token_ids,
-                              seed=(cfg.seed << 32) + step, prompt_offset=first)
-    completions = [(c.tokens, c.logprobs) for group in groups for c in group]
-    truncated = [c.finish_reason == "length" for group in groups for c in group]
-    return completions, truncated
-
-
-def score(task: Task, cfg: TrainConfig, pool, tokenizer, completions, ids) -> tuple[list[float], list[float]]:
-    """Rewards and correctness (1/0) of each completion, in the order of `completions`."""
-    if cfg.task == "toy":
-        rewards = toy_rewards([c for c, _ in completions], cfg.toy_target)
-        return rewards, [float(r >= 0.5) for r in rewards]
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c, _ in completions]
-    answers = [task.answers[i] for i in ids for _ in range(cfg.rollouts)]
-    rewards = pool.score_batch(texts, answers, correct=1.0, wrong=-1.0 if cfg.reward == "pm1" else 0.0)
-    return rewards, [float(r == 1.0) for r in rewards]
+                              seed=(cfg.seed << 32) + step, prompt_offset=rank_offset)
+    return [c for group in groups for c in group]
 
 
 # -----------------------------------------------------------------------------
@@ -477,24 +458,6 @@ def atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = dict(python=random.getstate(), numpy=[kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-                 torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, epoch: int, offset: int,
                     skipped_steps: int, data_fingerprint: str):
     """steering.safetensors first (the file eval.py reads), then checkpoint.pt: the checkpoint is
@@ -502,7 +465,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int
     model.save_steering(run_dir / "steering.safetensors", step=step, task=cfg.task, dataset=cfg.dataset)
     state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps, data=data_fingerprint,
                  steering=model.steering.detach().cpu().clone(), optimizer=optimizer.state_dict(),
-                 rng=rng_state(), config=asdict(cfg))
+                 config=asdict(cfg))
     tmp = run_dir / "checkpoint.pt.tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -544,42 +507,34 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, dict | None]:
     return run_dir, None
 
 # -----------------------------------------------------------------------------
-# Logging
+# Setup: run directory, task, model, optimizer, sampler; then one RL step as one function.
 
 
-def progress_line(step: int, total: int, m: dict) -> str:
-    width = 20
-    done = width * step // total
-    bar = "#" * done + "." * (width - done)
-    return (f"[{bar}] {step}/{total} reward {m['reward_mean']:+.3f} acc {m['accuracy']:.3f} "
-            f"len {m['completion_len_mean']:.0f} | {m['step_s']:.1f}s (sample {m['sample_s']:.1f} reward "
-            f"{m['reward_s']:.1f} train {m['train_s']:.1f}) {m['tokens_per_s']:.0f} tok/s"
-            + (" SKIPPED" if m["skipped"] else ""))
+@dataclass
+class Run:
+    """Everything a step needs, built once by setup()."""
+    cfg: TrainConfig
+    cluster: cluster.Cluster
+    run_dir: Path
+    task: Task
+    model: M.Transformer
+    optimizer: torch.optim.Optimizer
+    sampler: Sampler
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    start: int  # the first step to run (0, or the checkpoint's step)
+    skipped_steps: int  # updates skipped for a non-finite loss or gradient, so far
 
 
-def print_progress(line: str, last: bool):
-    if sys.stdout.isatty():  # one line redrawn in place; plain lines when logging to a file
-        print("\r" + line.ljust(120), end="\n" if last else "", flush=True)
-    else:
-        print(line, flush=True)
-
-# -----------------------------------------------------------------------------
-# The loop
-
-
-def main(argv=None):
-    cfg = parse_args(argv)
-    rank, world, device = init_distributed(cfg)
-    check_config(cfg, world)
-
-    # run directory and resume state are decided once, by rank 0, and shared
-    decision = None
-    if rank == 0:
+def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
+    decision = None  # the run directory and resume state are decided once, by rank 0, and shared
+    if c.is_main:
         try:
             decision = prepare_run_dir(cfg)
         except SystemExit as e:
             decision = e
-    decision = broadcast(decision, rank)
+    decision = cluster.broadcast(decision, c)
     if isinstance(decision, SystemExit):
         raise decision
     run_dir, state = decision
@@ -588,42 +543,24 @@ def main(argv=None):
     model_path = cfg.model
     if cfg.model == "random-tiny":
         model_path = run_dir / "model"
-        if rank == 0 and not (model_path / "model.safetensors").is_file():
+        if c.is_main and not (model_path / "model.safetensors").is_file():
             build_tiny_model(model_path, cfg)
         dist.barrier()  # (several nodes need the run directory on a shared filesystem here)
-    dtype = M.auto_dtype(device) if cfg.dtype == "auto" else cfg.dtype
-
-    # math-verify workers fork from a small process: before the model and CUDA take memory
-    pool, tokenizer = None, None
-    if cfg.task == "math":
-        import reward
-        pool = reward.RewardPool(workers=cfg.reward_workers or None, timeout=cfg.reward_timeout)
-    model = M.Transformer.from_pretrained(model_path, dtype=dtype, device=device)
-    model.checkpoint_blocks = use_recompute(cfg, model, device)
-    if rank == 0:
+    task = TASKS[cfg.task](cfg, model_path, c.is_main)  # before the model: reward workers fork small
+    dtype = M.auto_dtype(c.device) if cfg.dtype == "auto" else cfg.dtype
+    model = M.Transformer.from_pretrained(model_path, dtype=dtype, device=c.device)
+    model.checkpoint_blocks = use_recompute(cfg, model, c.device)
+    if c.is_main:
         print(f"{model_path}: {dtype}, activation checkpointing {'on' if model.checkpoint_blocks else 'off'}")
-    if cfg.task == "toy":
-        task = toy_task(cfg, model.config.vocab_size)
-    else:
-        task, tokenizer = math_task(cfg, rank)
 
-    P, per_rank = cfg.prompts_per_step, cfg.prompts_per_step // world
+    P = cfg.prompts_per_step
     steps_per_epoch = len(task.prompts) // P
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(task.prompts)} prompts do not fill one step of --prompts-per-step {P}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup_steps = math.ceil(cfg.warmup * total_steps)
-
     optimizer = torch.optim.AdamW([model.steering], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     start, skipped_steps = 0, 0
     if state is not None:
-        with torch.no_grad():
-            model.steering.copy_(state["steering"])  # in place: the sampler's CUDA graphs hold this tensor
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
         start, skipped_steps = state["step"], state["skipped_steps"]
         if state["data"] != task.fingerprint():
             raise SystemExit(f"{run_dir}/checkpoint.pt: the training prompts differ from the ones the run began "
@@ -631,96 +568,123 @@ def main(argv=None):
         if (state["epoch"], state["offset"]) != step_position(start, steps_per_epoch, P):
             raise SystemExit(f"{run_dir}/checkpoint.pt: data position {(state['epoch'], state['offset'])} does not "
                              f"match step {start} (the dataset changed since the run began?)")
-        if rank == 0:
+        with torch.no_grad():
+            model.steering.copy_(state["steering"])  # in place: the sampler's CUDA graphs hold this tensor
+        optimizer.load_state_dict(state["optimizer"])
+        if c.is_main:
             print(f"resuming {run_dir} at step {start}/{total_steps}")
 
     longest = min(cfg.max_len, max(len(p) for p in task.prompts) + (cfg.max_new_tokens or cfg.max_len))
     kv_tokens = cfg.kv_cache_tokens or None  # GPU: the sampler sizes its pool from free memory
-    if kv_tokens is None and device.type == "cpu":  # one step's rollouts, capped at 2 GiB (pre-emption copes)
-        mc = model.config
-        bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * model.embed_tokens.weight.element_size()
-        kv_tokens = min(per_rank * cfg.rollouts * (longest + 16), 2 ** 31 // bytes_per_token)
+    if kv_tokens is None and c.device.type == "cpu":  # one step's rollouts, capped at 2 GiB (pre-emption copes)
+        per_token = M.kv_bytes_per_token(model.config, model.embed_tokens.weight.dtype)
+        kv_tokens = min(P // c.world * cfg.rollouts * (longest + 16), 2 ** 31 // per_token)
     sampler = Sampler(model, kv_cache_tokens=kv_tokens, gpu_memory_fraction=cfg.gpu_memory_fraction,
                       vocab_size=task.vocab_size, max_seq_len=longest)
-    grad_bytes = model.steering.numel() * model.steering.element_size()
-    totals_norm = dict(total_sequences=P * cfg.rollouts, max_completion_len=cfg.max_new_tokens or cfg.max_len)
-    order_epoch, order = -1, None
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    return Run(cfg, c, run_dir, task, model, optimizer, sampler, steps_per_epoch, total_steps,
+               math.ceil(cfg.warmup * total_steps), start, skipped_steps)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    for step in range(start, total_steps):
-        t0 = time.perf_counter()
-        epoch, offset = step_position(step, steps_per_epoch, P)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(cfg.seed, epoch, len(task.prompts))
-        first = rank * per_rank  # this rank's first prompt, as an index within the step
-        ids = order[offset + first: offset + first + per_rank]  # this rank's prompts (dataset indices)
-        completions, truncated = sample(sampler, task, cfg, step, ids, first)
-        sync()
-        t1 = time.perf_counter()
-        rewards, correct = score(task, cfg, pool, tokenizer, completions, ids)
-        # local: all rollouts of a prompt are on this rank
-        adv = rloo.advantages(torch.tensor(rewards).view(per_rank, cfg.rollouts))
-        t2 = time.perf_counter()
+def rl_step(run: Run, step: int) -> dict:
+    """One step on every rank: sample -> reward -> RLOO advantages -> backward over micro-batches
+    -> all-reduce of the L x d gradient -> AdamW. Returns the step's metrics over all ranks."""
+    cfg, c, task = run.cfg, run.cluster, run.task
+    P, per_rank = cfg.prompts_per_step, cfg.prompts_per_step // c.world
+    t0 = time.perf_counter()
+    epoch, offset = step_position(step, run.steps_per_epoch, P)
+    rank_offset = c.rank * per_rank  # this rank's first prompt, as an index within the step
+    prompt_indices = epoch_order(cfg.seed, epoch, len(task.prompts))[offset + rank_offset:][:per_rank]
+    completions = sample(run.sampler, task, cfg, step, prompt_indices, rank_offset)
+    sync(c.device)
+    t1 = time.perf_counter()
+    owners = [i for i in prompt_indices for _ in range(cfg.rollouts)]  # each rollout's prompt
+    rewards, correct = task.reward([comp.tokens for comp in completions], owners)
+    adv = rloo.advantages(torch.tensor(rewards).view(per_rank, cfg.rollouts))  # a prompt's rollouts share a rank
+    t2 = time.perf_counter()
 
-        # ---- train: the token count of the whole step first (the loss divides by it), then backward
-        lengths = [len(c) for c, _ in completions]
-        count = torch.tensor([float(sum(lengths))], dtype=torch.float64, device=device)
-        dist.all_reduce(count)
-        totals = dict(totals_norm, total_tokens=max(count.item(), 1.0))
-        rollouts = [Rollout(task.prompts[ids[k // cfg.rollouts]], c, adv.view(-1)[k].item(), lp)
-                    for k, (c, lp) in enumerate(completions)]
-        loss, gap, batches, bad_loss = accumulate_gradient(model, rollouts, cfg, task.vocab_size, totals, device)
-        lr = cfg.lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else cfg.lr
-        grad_norm, skipped = reduce_and_step(model, optimizer, cfg, lr, bad_loss)
-        skipped_steps += skipped
-        sync()
-        t3 = time.perf_counter()
+    lengths = [len(comp.tokens) for comp in completions]
+    count = torch.tensor([float(sum(lengths))], dtype=torch.float64, device=c.device)
+    dist.all_reduce(count)  # the loss divides by the whole step's completion tokens
+    totals = dict(total_sequences=P * cfg.rollouts, max_completion_len=cfg.max_new_tokens or cfg.max_len,
+                  total_tokens=max(count.item(), 1.0))
+    rollouts = [Rollout(task.prompts[i], comp.tokens, a, comp.logprobs)
+                for i, comp, a in zip(owners, completions, adv.view(-1).tolist())]
+    loss, gap, batches, bad_loss = accumulate_gradient(run.model, rollouts, cfg, task.vocab_size, totals, c.device)
+    lr = cfg.lr * min(1.0, (step + 1) / run.warmup_steps) if run.warmup_steps else cfg.lr
+    grad_norm, skipped = reduce_and_step(run.model, run.optimizer, cfg, lr, bad_loss)
+    run.skipped_steps += skipped
+    sync(c.device)
+    t3 = time.perf_counter()
 
-        checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
-        divergence = ranks_divergence(model) if checkpoint_now else None
-        if divergence:  # same value on every rank (all-reduced): all stop together
-            raise RuntimeError(f"step {step + 1}: the ranks' steering vectors differ by up to {divergence}")
+    sums, top = cluster.reduce_metrics(
+        dict(reward=sum(rewards), correct=sum(correct), rollouts=len(rewards), tokens=sum(lengths),
+             truncated=sum(comp.finish_reason == "length" for comp in completions), adv_abs=adv.abs().sum().item(),
+             adv_sq=adv.pow(2).sum().item(), zero_adv_prompts=(adv == 0).all(1).sum().item(), loss=loss, gap=gap),
+        dict(completion_len=max(lengths), sample_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2), c.device)
+    n = sums["rollouts"]
+    return dict(step=step + 1, epoch=epoch, lr=lr, reward_mean=sums["reward"] / n, accuracy=sums["correct"] / n,
+                adv_abs_mean=sums["adv_abs"] / n, adv_std=math.sqrt(max(sums["adv_sq"] / n, 0.0)),
+                zero_adv_prompts=sums["zero_adv_prompts"] / P, completion_len_mean=sums["tokens"] / n,
+                completion_len_max=int(top["completion_len"]), truncated_frac=sums["truncated"] / n,
+                loss=sums["loss"], logprob_gap=sums["gap"] / max(sums["tokens"], 1.0), sample_s=top["sample_s"],
+                reward_s=top["reward_s"], train_s=top["train_s"], step_s=time.perf_counter() - t0,
+                tokens_per_s=sums["tokens"] / max(top["sample_s"], 1e-9), grad_norm=grad_norm,
+                steering_norm=run.model.steering.detach().norm(dim=1).tolist(),
+                bytes_allreduced=run.model.steering.numel() * run.model.steering.element_size(),
+                micro_batches=batches, skipped=skipped, skipped_steps=run.skipped_steps,
+                skipped_prompts=task.skipped_prompts)
 
-        # ---- metrics: sums and maxima over ranks
-        sums = torch.tensor([sum(rewards), sum(correct), float(len(rewards)), float(sum(lengths)),
-                             float(sum(truncated)), adv.abs().sum().item(), adv.pow(2).sum().item(),
-                             float((adv == 0).all(1).sum()), loss, gap], dtype=torch.float64, device=device)
-        maxes = torch.tensor([float(max(lengths)), t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64, device=device)
-        dist.all_reduce(sums)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        if rank == 0:
-            s, mx = sums.tolist(), maxes.tolist()
-            num = s[2]
-            m = dict(step=step + 1, epoch=epoch, lr=lr,
-                     reward_mean=s[0] / num, accuracy=s[1] / num, adv_abs_mean=s[5] / num,
-                     adv_std=math.sqrt(max(s[6] / num, 0.0)), zero_adv_prompts=s[7] / P,
-                     completion_len_mean=s[3] / num, completion_len_max=int(mx[0]), truncated_frac=s[4] / num,
-                     loss=s[8], logprob_gap=s[9] / max(s[3], 1.0), sample_s=mx[1], reward_s=mx[2], train_s=mx[3],
-                     step_s=time.perf_counter() - t0, tokens_per_s=s[3] / max(mx[1], 1e-9),
-                     grad_norm=grad_norm, steering_norm=model.steering.detach().norm(dim=1).tolist(),
-                     bytes_allreduced=grad_bytes, micro_batches=batches, skipped=skipped,
-                     skipped_steps=skipped_steps, skipped_prompts=task.skipped_prompts, rank_divergence=divergence)
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def log_line(m: dict) -> str:
+    return (f"step {m['step']} reward {m['reward_mean']:+.3f} acc {m['accuracy']:.3f} "
+            f"len {m['completion_len_mean']:.0f} trunc {m['truncated_frac']:.2f} | {m['step_s']:.1f}s "
+            f"(sample {m['sample_s']:.1f} reward {m['reward_s']:.1f} train {m['train_s']:.1f}) "
+            f"{m['tokens_per_s']:.0f} tok/s" + (" SKIPPED" if m["skipped"] else ""))
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    c = cluster.init(cfg.device)
+    check_config(cfg, c.world)
+    run = setup(cfg, c)
+    metrics_file = open(run.run_dir / "metrics.jsonl", "a") if c.is_main else None
+    # a bar on a terminal; on a log file (not a tty) one plain line per step
+    bar = tqdm(total=run.total_steps, initial=run.start, unit="step", file=sys.stdout,
+               disable=not (c.is_main and sys.stdout.isatty()))
+    for step in range(run.start, run.total_steps):
+        m = rl_step(run, step)
+        checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == run.total_steps
+        m["rank_divergence"] = ranks_divergence(run.model) if checkpoint_now else None
+        if m["rank_divergence"]:  # the same value on every rank (all-reduced): all stop together
+            raise RuntimeError(f"step {step + 1}: the ranks' steering vectors differ by up to {m['rank_divergence']}")
+        if c.is_main:
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()
-            print_progress(progress_line(step + 1, total_steps, m), last=step + 1 == total_steps)
-
+            if bar.disable:
+                print(f"[{step + 1}/{run.total_steps}] " + log_line(m), flush=True)
+            else:
+                bar.set_postfix_str(log_line(m).split(" ", 2)[2], refresh=False)
+                bar.update(1)
         if checkpoint_now:
-            if rank == 0:
-                save_checkpoint(run_dir, model, optimizer, cfg, step + 1,
-                                *step_position(step + 1, steps_per_epoch, P), skipped_steps, task.fingerprint())
+            if c.is_main:
+                save_checkpoint(run.run_dir, run.model, run.optimizer, cfg, step + 1,
+                                *step_position(step + 1, run.steps_per_epoch, cfg.prompts_per_step),
+                                run.skipped_steps, run.task.fingerprint())
             dist.barrier()  # nobody runs ahead of a checkpoint that may still be written
-
-    if rank == 0:
+    bar.close()
+    if c.is_main:
         metrics_file.close()
-        print(f"done: {run_dir}/steering.safetensors")
-    if pool is not None:
-        pool.close()
-    dist.barrier()
-    dist.destroy_process_group()
+        print(f"done: {run.run_dir}/steering.safetensors")
+    run.task.close()
+    cluster.close()
     # Reference cycles can keep gloo's process group, and the work objects its threads still hold,
     # alive into interpreter shutdown, where a thread releasing a tensor needs the GIL and aborts
     # the process ("terminate called without an active exception", ~1 run in 7). Collect them now.

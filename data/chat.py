@@ -86,14 +86,13 @@ class Tokenizer:
         self.vocab_size = max(vocab.values()) + 1
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
-        self.bos_token_id = self._id_of(self.bos_token, "bos_token")
-        self.pad_token_id = self._id_of(_token_text(config.get("pad_token")), "pad_token")
+        self._id_of(self.bos_token, "bos_token")  # both must be tokens of this vocabulary
+        self._id_of(_token_text(config.get("pad_token")), "pad_token")
         stop = set(eos_token_ids)
         if self.eos_token is not None:
             stop.add(self._id_of(self.eos_token, "eos_token"))
         stop.update(vocab[t] for t in END_TOKENS if t in vocab)
         self.stop_token_ids = sorted(stop)
-        self.chat_template = chat_template
         self._template = _compile(chat_template) if chat_template else None
 
     def _id_of(self, token: str | None, field: str) -> int | None:

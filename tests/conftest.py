@@ -49,6 +49,14 @@ def hf_model(family="qwen2-tied", seed=0, vocab_size=96, hidden_size=64, layers=
     return model
 
 
+def token_logprobs(model, tokens, targets, temperature=1.0, vocab_size=None, chunk_size=1024):
+    """tokens, targets (B, T) -> log p(targets | prefix) (B, T), fp32: model.py's forward and its
+    chunked head, the way train.py scores completions."""
+    import model as M
+    hidden = model.hidden_states(tokens)
+    return M.chunked_logprobs(hidden, model.head_weight, targets, temperature, vocab_size, chunk_size)
+
+
 def write_checkpoint(folder, family="qwen2-tied", dtype=torch.float32, **kw) -> Path:
     """Save a tiny HF model as config.json + model.safetensors; returns the folder."""
     folder = Path(folder)

@@ -381,8 +381,8 @@ def test_special_ids_and_vocab_size(kind, vocab, stop, bos, pad):
     ours, ref = tokenizers_of(kind)
     assert ours.vocab_size == vocab == len(ref)
     assert ours.stop_token_ids == stop and ref.eos_token_id in stop
-    assert ours.bos_token_id == bos == ref.bos_token_id
-    assert ours.pad_token_id == pad == ref.pad_token_id
+    assert ref.bos_token_id == bos and ref.pad_token_id == pad
+    assert ours.bos_token == ref.bos_token and (bos is None or ours.encode(ours.bos_token) == [bos])
     assert ours.decode([ours.vocab_size - 1]) != ""  # the last id is a real token
 
 
@@ -408,14 +408,13 @@ def test_no_chat_template_falls_back_to_the_plain_prompt(tmp_path):
     folder = tiny_dir(tmp_path / "tok", {"bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>"}},
                       generation_config={"eos_token_id": [5]}, model_config={"eos_token_id": 3})
     tok = data.Tokenizer.from_dir(folder)
-    assert tok.chat_template is None
     assert tok.render_prompt("hello") == f"<s>{data.SYSTEM_PROMPT}\n\nProblem: hello\nSolution:"
     assert tok.render_prompt("hello", system=None) == "<s>Problem: hello\nSolution:"
     ids = tok.encode_prompt("hello")
     assert ids[0] == 2 and ids.count(2) == 1
     # tokenizer_config eos (3), config.json (3), generation_config (5), <|im_end|> in the vocab (4)
     assert tok.stop_token_ids == [3, 4, 5]
-    assert (tok.bos_token_id, tok.pad_token_id, tok.vocab_size) == (2, None, 6)
+    assert (tok.bos_token, tok.vocab_size) == ("<s>", 6)
 
 
 def test_no_bos_no_template(tmp_path):

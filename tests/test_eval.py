@@ -13,7 +13,7 @@ import torch
 
 import eval as ev
 from conftest import DATA_DIR, TOKENIZERS, write_checkpoint
-from model import Transformer
+import model as M
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -192,7 +192,7 @@ def tiny_with_tokenizer(tmp_path_factory):
 def test_end_to_end_tiny_model(tiny_with_tokenizer, tmp_path, capsys):
     if not (DATA_DIR / "math500.jsonl").is_file():
         pytest.skip(f"{DATA_DIR}/math500.jsonl is absent (the shared data)")
-    model = Transformer.from_pretrained(tiny_with_tokenizer)
+    model = M.Transformer.from_pretrained(tiny_with_tokenizer)
     with torch.no_grad():
         model.steering.copy_(torch.randn_like(model.steering))
     model.save_steering(tmp_path / "steer.safetensors")

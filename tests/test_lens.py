@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lens
 from conftest import TOKENIZERS, write_checkpoint
-from model import RMSNorm, Transformer
+import model as M
 
 
 def naive_cosines(vecs, weight):
@@ -50,7 +50,7 @@ def test_matches_naive_loop(planted):
 
 def test_after_norm_uses_the_norm_weights(planted):
     steering, weight = planted
-    norm = RMSNorm(16, 1e-6)
+    norm = M.RMSNorm(16, 1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(16) * 2 + 0.1)
     # a vector that becomes token 5's row only once the norm has scaled its channels
@@ -112,7 +112,7 @@ def test_cli_writes_json(tmp_path, capsys):
     folder = write_checkpoint(tmp_path / "tiny", "qwen2-untied")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / name, folder / name)
-    model = Transformer.from_pretrained(folder)
+    model = M.Transformer.from_pretrained(folder)
     with torch.no_grad():
         model.steering.copy_(torch.randn_like(model.steering))
         model.steering[1] = model.head_weight[42]

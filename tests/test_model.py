@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, REAL_MODELS, hf_model, write_checkpoint
+from conftest import FAMILIES, REAL_MODELS, hf_model, token_logprobs, write_checkpoint
 from safetensors.torch import load_file, save_file
 
 import model as M
@@ -397,7 +397,7 @@ def test_chunked_logprobs(tiny_llama, chunk_size, temperature, vocab_size):
     ref.sum().backward()
     ref_grad, model.steering.grad = model.steering.grad, None
 
-    got = M.token_logprobs(model, toks, targets, temperature, vocab_size, chunk_size)
+    got = token_logprobs(model, toks, targets, temperature, vocab_size, chunk_size)
     assert got.dtype == torch.float32 and got.shape == (2, 20)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     got.sum().backward()
@@ -419,7 +419,7 @@ def test_checkpoint_blocks(tiny_llama):
     for flag in (False, True):
         model.checkpoint_blocks = flag
         model.steering.grad = None
-        loss = -M.token_logprobs(model, toks, targets, chunk_size=16).mean()
+        loss = -token_logprobs(model, toks, targets, chunk_size=16).mean()
         loss.backward()
         results.append((loss.detach(), model.steering.grad.clone()))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-6)

@@ -2,6 +2,7 @@
 vector against central finite differences on a tiny float64 model."""
 import pytest
 import torch
+from conftest import token_logprobs
 
 import model as M
 import rloo
@@ -91,7 +92,7 @@ def test_steering_gradient_matches_finite_differences(tiny_qwen):
     totals = dict(total_tokens=mask.sum().item(), total_sequences=3, max_completion_len=8)
 
     def losses():  # one forward, the loss under each normalisation
-        lp = M.token_logprobs(model, inputs, targets, temperature=0.7)
+        lp = token_logprobs(model, inputs, targets, temperature=0.7)
         return torch.stack([rloo.policy_loss(lp, mask, adv, norm, **totals) for norm in rloo.NORMALIZATIONS])
 
     analytic = []

@@ -1,30 +1,30 @@
 """sample.py against references: naive full-recompute decoding with model.py, HF generate,
-model.py's log-softmax, the softmax distribution itself, and the PyTorch path for every
-Triton kernel (run by the interpreter on CPU tensors)."""
+model.py's log-softmax, the softmax distribution itself, and the sampler's PyTorch path for its
+Triton path (kernels run by the interpreter on CPU tensors; the kernels alone: test_kernels.py)."""
 import math
 
 import pytest
 import torch
 
-import model as model_lib
+import model as M
 import sample
-from conftest import hf_model
+from conftest import hf_model, token_logprobs
 
 
 @pytest.fixture(scope="module")
 def qwen(tiny_qwen):
-    return model_lib.Transformer.from_pretrained(tiny_qwen, dtype=torch.float32)
+    return M.Transformer.from_pretrained(tiny_qwen, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
 def flat():
     """A random model whose next-token distribution is broad (logits of std ~1), so sampling
     statistics see many tokens; the HF fixtures are deliberately sharp."""
-    cfg = model_lib.Config.from_dict(dict(model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=128,
+    cfg = M.Config.from_dict(dict(model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=128,
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                           tie_word_embeddings=True))
     torch.manual_seed(0)
-    m = model_lib.Transformer(cfg).eval()
+    m = M.Transformer(cfg).eval()
     with torch.no_grad():
         m.embed_tokens.weight.mul_(0.15)
     return m
@@ -46,7 +46,7 @@ def naive_greedy(m, prompt, steps):
 def reference_logprobs(m, prompt, completion, temperature=1.0, vocab_size=None):
     """log_softmax(model(prompt + completion) / T) at the completion's tokens, via model.py."""
     seq = torch.tensor([prompt + completion.tokens])
-    return model_lib.token_logprobs(m, seq[:, :-1], seq[:, 1:], temperature, vocab_size)[0, len(prompt) - 1:]
+    return token_logprobs(m, seq[:, :-1], seq[:, 1:], temperature, vocab_size)[0, len(prompt) - 1:]
 
 
 def assert_pool_whole(sampler):
@@ -87,7 +87,7 @@ def test_greedy_matches_hf_generate(tmp_path, family):
     hf = hf_model(family)
     hf.generation_config.eos_token_id = None  # run the full length, as our sampler does without stop ids
     hf.save_pretrained(tmp_path)
-    ours = model_lib.Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    ours = M.Transformer.from_pretrained(tmp_path, dtype=torch.float32)
     prompts = random_prompts([4, 19, 33])
     results = sample.Sampler(ours, kv_cache_tokens=1024).generate(prompts, n=2, max_new_tokens=16, temperature=0)
     for prompt, rollouts in zip(prompts, results):
@@ -230,42 +230,7 @@ def test_oversized_request_raises_before_any_work(qwen, monkeypatch):
     assert calls == [] and sampler.blocks.num_free == 4
 
 # -----------------------------------------------------------------------------
-# Triton kernels vs the PyTorch path (TRITON_INTERPRET=1, see conftest)
-
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_store_kv_kernel(dtype):
-    torch.manual_seed(0)
-    k_cache, v_cache = (torch.randn(5, 16, 2, 16).to(dtype) for _ in range(2))
-    k, v = (torch.randn(6, 2, 16).to(dtype) for _ in range(2))
-    slots = torch.tensor([0, 17, 15, 16, -1, 79])  # block boundaries, and a padding row (-1) that must be skipped
-    want_k, want_v = k_cache.clone(), v_cache.clone()
-    keep = slots >= 0
-    sample.store_kv_torch(want_k, want_v, k[keep], v[keep], slots[keep])
-    sample.store_kv_triton(k_cache, v_cache, k, v, slots)
-    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads, kv_heads, splits", [(4, 2, 1), (7, 1, 3), (4, 4, 2)])
-def test_paged_decode_attention_kernel(dtype, heads, kv_heads, splits):
-    torch.manual_seed(0)
-    D, bs, num_blocks = 16, 16, 12
-    seq_lens = torch.tensor([1, 16, 17, 40, 0], dtype=torch.int32)  # ragged, at and across block edges, empty
-    table = torch.stack([torch.randperm(num_blocks)[:3] for _ in seq_lens]).to(torch.int32)
-    q = (torch.randn(5, heads, D) * 2).to(dtype)
-    k_cache, v_cache = (torch.randn(num_blocks, bs, kv_heads, D).to(dtype) for _ in range(2))
-    scale = D ** -0.5
-    got = sample.paged_decode_attention_triton(q, k_cache, v_cache, table, seq_lens, scale, num_splits=splits)
-    want = sample.paged_decode_attention_torch(q.float(), k_cache.float(), v_cache.float(), table.long(), seq_lens,
-                                               scale)
-    assert got.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
-    assert torch.equal(got[4], torch.zeros_like(got[4])), "an empty sequence must give zeros, not NaN"
+# The sampler on the Triton kernels (TRITON_INTERPRET=1, see conftest)
 
 
 def test_sampler_triton_path_matches_torch_path(qwen):
@@ -304,14 +269,6 @@ def test_padded_decode_rows_are_inert(qwen):
     untouched = torch.ones(flat(pool).shape[2], dtype=torch.bool)
     untouched[slot] = False
     assert torch.equal(flat(sampler.pool)[:, :, untouched], flat(pool)[:, :, untouched])
-
-
-def test_benchmark_runs_at_tiny_size(capsys):
-    """Keeps `python sample.py --bench` alive in CI: the tiny run prints both engines' figures."""
-    import sample
-    sample.bench(["--tiny", "--repeats", "1", "--max-new-tokens", "8", "--prompt-len", "16"])
-    out = capsys.readouterr().out
-    assert "ours" in out and "HF generate" in out and "decode tok/s" in out
 
 
 def test_per_prompt_budgets_equal_separate_calls(qwen):

@@ -1,0 +1,86 @@
+"""bench/: each benchmark runs at a tiny size and prints its figures, so the scripts stay alive
+in CI (their real runs are by hand, on real models and a GPU)."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+from conftest import DATA_DIR
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_script(name: str):
+    """A bench/ script as a module under another name: bench/ is a folder of scripts, not a
+    package, and bench/reward.py must not shadow the reward module it measures."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def figures(line: str) -> list[float]:
+    """The numbers at the end of a table row (after its name, which may hold spaces and digits)."""
+    numbers = []
+    for word in reversed(line.split()):
+        try:
+            numbers.append(float(word))
+        except ValueError:
+            break
+    return numbers[::-1]
+
+
+def test_sampler_benchmark_runs_at_tiny_size(capsys):
+    load_script("sampler").bench(["--tiny", "--repeats", "1", "--max-new-tokens", "8", "--prompt-len", "16"])
+    out = capsys.readouterr().out
+    assert "ours" in out and "HF generate" in out and "decode tok/s" in out
+    rows = {line.split()[0]: figures(line) for line in out.splitlines() if line.startswith(("ours ", "HF generate"))}
+    assert set(rows) == {"ours", "HF"}
+    for name, (prefill, decode, overall, peak_gib) in rows.items():
+        assert min(prefill, decode, overall) > 0 and math.isfinite(prefill + decode + overall), (name, out)
+        assert peak_gib >= 0
+
+
+@pytest.mark.skipif(not (DATA_DIR / "math_train.jsonl.gz").exists(),
+                    reason=f"{DATA_DIR}/math_train.jsonl.gz absent (the reward benchmark grades MATH solutions)")
+@pytest.mark.filterwarnings("ignore:.*math_train.jsonl.gz. skipped 2 bad row:UserWarning")  # MATH's empty answers
+def test_reward_benchmark_runs_at_tiny_size(capsys):
+    load_script("reward").main(["--data-dir", str(DATA_DIR), "--n", "20", "--workers", "1"])
+    out = capsys.readouterr().out
+    for method in ("fork", "forkserver", "spawn"):
+        assert f"  {method} " in out
+    rows = [figures(line) for line in out.splitlines() if line.startswith("  (")]
+    assert len(rows) == 5, out
+    for sent, timeouts, seconds, per_second, cpu_ms in rows:
+        assert 0 <= timeouts <= sent <= 20 and seconds >= 0 and per_second > 0 and cpu_ms >= 0
+    assert "(a) >= 300 completions/s:" in out
+
+
+def test_gpu_benchmark_runs_at_tiny_size(capsys):
+    """bench/gpu.py --tiny: every check and speed item at tiny size on CPU (Triton kernels in the
+    interpreter, torchrun on gloo), ending with the table of figures."""
+    failed = load_script("gpu").main(["--tiny"])
+    out = capsys.readouterr().out
+    assert failed == 0 and not [line for line in out.splitlines() if line.startswith("FAIL")], out
+    for name in ("kernels: paged decode", "graphs: float32 eager Triton", "hf: check-llama bfloat16", "frozen:",
+                 "train: torchrun", "suite:"):
+        assert f"PASS  {name}" in out, (name, out)
+    table = out[out.index("\n== results on cpu"):]
+    for figure in ("device: matmul rate", "decode tiny 8 seqs ctx 32: ours / HF",
+                   "prefill tiny 8 x 16 tokens: achieved",
+                   "rl tiny 2 prompts x 4 x 8 new tokens: forward-backward MFU"):
+        row = next(line for line in table.splitlines() if line.startswith(figure))
+        value = float(row[len(figure):].split()[0])
+        assert value > 0 and math.isfinite(value), row
+
+
+def test_cpu_step_benchmark_runs_at_tiny_size(capsys):
+    """bench/cpu_step.py --tiny: sampling and forward+backward figures against the matmul rate."""
+    load_script("cpu_step").main(["--tiny", "--prompts", "2", "--rollouts", "2", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert "GFLOP/s" in out.splitlines()[1]
+    rows = {line.split()[0]: figures(line.rstrip("%")) for line in out.splitlines()
+            if line.startswith(("sampling ", "forward+backward "))}
+    assert set(rows) == {"sampling", "forward+backward"}
+    for name, (seconds, tokens, tok_s, gflop_s, share) in rows.items():
+        assert seconds > 0 and tokens > 0 and tok_s > 0 and share >= 0, (name, out)
