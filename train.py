@@ -1,6 +1,6 @@
 """Train one steering vector per layer with RLOO while every base weight stays frozen.
 
-    torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-Math-1.5B     # the paper's recipe
+    torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-Math-1.5B     # the paper's hyperparameters
     python train.py --quickstart                                            # CPU, no download, < 1 min
 
 One step, on every rank:

@@ -410,6 +410,25 @@ def test_chunked_logprobs(tiny_llama, chunk_size, temperature, vocab_size):
     torch.testing.assert_close(plain, ref.detach(), rtol=0, atol=1e-5)
 
 
+def test_chunked_logprobs_with_a_trainable_head(tiny_llama):
+    """A head that trains (full fine-tuning) takes autograd's path: its gradient, and the
+    hidden states', equal the naive log-softmax's."""
+    model = M.Transformer.from_pretrained(tiny_llama)
+    hidden = model.hidden_states(tokens(T=20)).detach().requires_grad_(True)
+    weight = model.head_weight.detach().clone().requires_grad_(True)
+    targets = tokens(T=20, seed=4, vocab=80)
+    grads = []
+    for fn in (lambda: M.chunked_logprobs(hidden, weight, targets, 0.7, 80, chunk_size=7),
+               lambda: F.linear(hidden, weight[:80]).div(0.7).log_softmax(-1).gather(-1, targets[..., None])[..., 0]):
+        hidden.grad = weight.grad = None
+        out = fn()
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads.append((out.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert grads[0][2][:80].abs().sum() > 0 and grads[0][2][80:].abs().sum() == 0
+
+
 def test_checkpoint_blocks(tiny_llama):
     model = M.Transformer.from_pretrained(tiny_llama)
     with torch.no_grad():
