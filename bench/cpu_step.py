@@ -118,7 +118,7 @@ def main(argv=None):
     print(f"{'phase':<18} {'seconds':>8} {'tokens':>7} {'tok/s':>7} {'GFLOP/s':>8} {'of matmul rate':>15}")
     for name, seconds, count, flops in (("sampling", sample_s, new_tokens, sample_flops),
                                         ("forward+backward", train_s, tokens, train_flops)):
-        print(f"{name:<18} {seconds:>8.1f} {count:>7d} {count / seconds:>7.0f} {flops / seconds / 1e9:>8.0f} "
+        print(f"{name:<18} {seconds:>8.3f} {count:>7d} {count / seconds:>7.0f} {flops / seconds / 1e9:>8.0f} "
               f"{flops / seconds / rate:>15.0%}")
 
 
