@@ -452,7 +452,7 @@ class _HeadLogprobs(torch.autograd.Function):
         expected = torch.empty_like(hidden) if need_grad else None  # (N, d): E_p[W] per row
         for i in range(0, N, chunk_size):
             z = F.linear(hidden[i:i + chunk_size], weight)  # (n, V) in the model dtype
-            z = z.to(out.dtype) if z.dtype != out.dtype else z.clone()
+            z = z.to(out.dtype)  # a fresh (n, V) tensor either way: the in-place ops below may reuse it
             if temperature != 1.0:
                 z.div_(temperature)
             picked = z.gather(-1, targets[i:i + chunk_size, None])[:, 0]

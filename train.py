@@ -23,6 +23,7 @@ steering.safetensors (the latest vector, for eval.py) and checkpoint.pt (everyth
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written one.
 """
 import argparse
+import functools
 import gc
 import hashlib
 import json
@@ -331,6 +332,7 @@ def step_position(step: int, steps_per_epoch: int, prompts_per_step: int) -> tup
     return step // steps_per_epoch, (step % steps_per_epoch) * prompts_per_step
 
 
+@functools.lru_cache(maxsize=1)  # every step of an epoch reads the same permutation
 def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(size, generator=g).tolist()
