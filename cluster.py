@@ -6,10 +6,16 @@ collective runs, on a group of one. One GPU per process, cuda:LOCAL_RANK (LOCAL_
 0 again on every node, so multi-node runs are plain `torchrun --nnodes ...`).
 """
 import os
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+USER_ERRORS = (SystemExit, ValueError, FileNotFoundError)  # what a CLI reports in one line, without a traceback
+COLLECTIVE_FAILURES = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Timed out",
+                       "NCCL")  # how gloo / NCCL word a lost or silent peer in a plain RuntimeError
 
 
 @dataclass(frozen=True)
@@ -23,8 +29,10 @@ class Cluster:
         return self.rank == 0
 
 
-def init(device: str = "auto") -> Cluster:
-    """Join (or make) the process group; `device` is auto (cuda when present, else cpu), cpu or cuda."""
+def init(device: str = "auto", timeout_s: float = 1800.0) -> Cluster:
+    """Join (or make) the process group; `device` is auto (cuda when present, else cpu), cpu or cuda.
+    Every collective waits at most `timeout_s`: a rank whose peer died exits with an error instead
+    of hanging until the scheduler's wall-clock limit."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
@@ -38,9 +46,11 @@ def init(device: str = "auto") -> Cluster:
         raise SystemExit(f"--device {device!r}: use auto, cpu or cuda")
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, rank=rank, world_size=world, device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                device_id=dev if dev.type == "cuda" else None)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
     return Cluster(rank, world, dev)
 
 
@@ -69,6 +79,34 @@ def reduce_metrics(sums: dict[str, float], maxima: dict[str, float], device) -> 
     total, top = stacked.sum(0).tolist(), stacked.amax(0).tolist()
     n = len(sums)
     return dict(zip(names[:n], total[:n])), dict(zip(names[n:], top[n:]))
+
+
+def run_cli(main, argv=None):
+    """Run a CLI's main(). A user error (a bad flag, a missing file, a config that cannot work:
+    SystemExit with a message, ValueError, FileNotFoundError) prints one line, `error: ...`, from
+    rank 0 only (under torchrun every rank hits the same error), and exits 2. A failed collective
+    (a dead peer, a timeout) prints one line from each rank that saw it and exits 3. Anything else
+    is a bug and keeps its traceback."""
+    try:
+        main(argv)
+    except RuntimeError as e:  # a collective that failed: a peer died or --collective-timeout passed
+        if not (isinstance(e, dist.DistError) or any(m in str(e) for m in COLLECTIVE_FAILURES)):
+            raise
+        rank = int(os.environ.get("RANK", 0))
+        first = str(e).strip().splitlines()[0][:300]
+        print(f"error: rank {rank}: a collective with the other ranks failed (a rank died or stopped "
+              f"answering for longer than the collective timeout): {first}", file=sys.stderr, flush=True)
+        os._exit(3)
+    except USER_ERRORS as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise  # sys.exit(0), argparse's exit after --help or its own usage error
+        if int(os.environ.get("RANK", 0)) == 0:
+            text = e.code if isinstance(e, SystemExit) else str(e)
+            print(f"error: {text}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if dist.is_initialized():
+            os._exit(2)  # a live process group (peers, gloo threads) can block a normal exit
+        sys.exit(2)
 
 
 def close():

@@ -9,9 +9,11 @@ out like Table 1 of the paper (benchmarks as columns, then Avg.; one row per set
 
 Metrics. pass@1 estimated from k samples per problem and "avg@k" are the same number: the mean
 correctness of a problem's samples, averaged over problems. The name says how many samples
-there were (pass@1 for k = 1, avg@k otherwise). The std over seeds is the SAMPLE std (n - 1
-denominator: the seeds are a sample of possible runs); with one seed it is 0. Avg. is the mean
-over benchmarks, and its std is the std over seeds of the per-seed averages.
+there were (pass@1 for k = 1, avg@k otherwise); with k > 1 the table adds the pass@1 of each
+problem's FIRST sample alone (a '1st' column), as the paper reports for AIME/AMC. The std over
+seeds is the SAMPLE std (n - 1 denominator: the seeds are a sample of possible runs) unless
+--std population (n, numpy's np.std, the paper's: 1.22x smaller with 3 seeds); with one seed it
+is 0. Avg. is the mean over benchmarks, and its std is the std over seeds of the per-seed averages.
 
 Greedy decoding (temperature 0) is deterministic, so a greedy setup is run ONCE with ONE
 sample per problem, whatever --seeds and --samples say, and reports std 0: k identical samples
@@ -19,9 +21,17 @@ and identical seeds would only cost time.
 
 --protocol paper fills in what was not given on the command line: benchmarks AIME24, AIME25,
 AMC23, MATH500, Minerva, OlympiadBench; base model greedy, steered models T = 1; avg@32 on
-AIME24/25 and AMC23, pass@1 (one sample) elsewhere; 3 seeds. Length: the paper caps
-Qwen2.5-Math-1.5B at 4096 tokens IN TOTAL (its context length); --max-new-tokens (default 4096)
-caps only the completion, so for that model pass about 4096 minus the prompt length (~3500).
+AIME24/25 and AMC23, pass@1 (one sample) elsewhere; 3 seeds; population std; and the paper's
+length caps: prompt + completion <= min(the model's context, 32768) IN TOTAL (4096 for
+Qwen2.5-Math, whose context it is), the completion taking what its prompt leaves.
+
+Length, always: prompt + completion <= --max-len, by default the model's context
+(max_position_embeddings), so generation never runs past what the model was trained for;
+--max-new-tokens (default 4096) caps the completion within that.
+
+A run directory of train.py can stand in for a steering file: --checkpoints picks its latest
+vector, every steering-step{N} of its history, given steps, or "best" (every one, with the best
+Avg. marked: chosen on the very test sets reported, as the paper did, so optimistic).
 
 Prompts are the model's chat template around the problem with the paper's system prompt
 (data.SYSTEM_PROMPT); the tokenizer (the model folder's, or --tokenizer) gives the stop ids and
@@ -51,11 +61,12 @@ from collections import defaultdict
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import cluster
 import data
+import hub
+import memory
 import model as M
 import reward
 from sample import Sampler
@@ -69,7 +80,12 @@ from sample import Sampler
 class EvalConfig:
     model: str = field(metadata={"help": "checkpoint folder or hub id of the base model"})
     steering: str = field(default="", metadata={
-        "help": "comma-separated steering files, one setup (table row) each; 'none' = the base model"})
+        "help": "comma-separated adapter files (steering or LoRA), full fine-tuning folders, train.py run "
+                "directories or hub repos org/name[:file], one setup (table row) each; 'none' = the base model"})
+    checkpoints: str = field(default="last", metadata={
+        "help": "for a run directory: last (steering.safetensors), all (every steering-step{N}), comma-separated "
+                "steps (e.g. 106,212,314), or best: all of them plus a row for the best by Avg. -- chosen ON THE "
+                "TEST BENCHMARKS being reported (what the paper did for Table 1), so optimistic, and labelled so"})
     base: bool = field(default=True, metadata={
         "help": "also evaluate the base model (steering zero) as the first row (--no-base to skip)"})
     bench: str | None = field(default=None, metadata={
@@ -83,7 +99,14 @@ class EvalConfig:
     temperature: float | None = field(default=None, metadata={
         "help": "sampling temperature of every setup, 0 = greedy (default 0; paper: base 0, steered 1)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
-    max_new_tokens: int = field(default=4096, metadata={"help": "completion length cap (tokens)"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "completion length cap (tokens; default 4096, or whatever --max-len leaves with --protocol paper)"})
+    max_len: int | None = field(default=None, metadata={
+        "help": "prompt + completion cap (tokens); default the model's context (max_position_embeddings in its "
+                "config.json); --protocol paper: min(context, 32768), the paper's caps (4096 for Qwen2.5-Math)"})
+    std: str | None = field(default=None, metadata={
+        "help": "the ± over seeds: sample (n - 1 denominator; default) or population (n, numpy's np.std: the "
+                "paper's; default with --protocol paper)"})
     limit: int | None = field(default=None, metadata={"help": "only the first N problems of each benchmark"})
     out: str = field(default="eval_out", metadata={"help": "output folder"})
     data_dir: str | None = field(default=None, metadata={
@@ -96,11 +119,14 @@ class EvalConfig:
         "help": "default cuda (cuda:LOCAL_RANK under torchrun), else cpu"})
     steering_scale: float = field(default=1.0, metadata={"help": "alpha in h + alpha * steering[l]"})
     kv_cache_tokens: int | None = field(default=None, metadata={
-        "help": "KV cache size in tokens (default: the sampler's)"})
+        "help": "KV cache size in tokens (default: the memory plan's: one generate call's sequences, at most 90 %% "
+                "of the memory the weights leave)"})
     batch_prompts: int = field(default=64, metadata={
         "help": "problems per generate call (the progress bar moves once per call)"})
     grade_workers: int = field(default=4, metadata={"help": "grading processes"})
     grade_timeout: float = field(default=10.0, metadata={"help": "seconds allowed to grade one sample"})
+    wandb_project: str = field(default="", metadata={
+        "help": "log the config and the results table to this Weights & Biases project (needs wandb)"})
 
 
 def parse_args(argv=None) -> EvalConfig:
@@ -135,7 +161,13 @@ def apply_protocol(cfg: EvalConfig) -> EvalConfig:
         cfg = replace(cfg, bench=PAPER_BENCHES if paper else "math500")
     if cfg.seeds is None:
         cfg = replace(cfg, seeds=PAPER_SEEDS if paper else 1)
-    for name in ("samples", "seeds", "max_new_tokens", "batch_prompts", "limit"):
+    if cfg.std is None:
+        cfg = replace(cfg, std="population" if paper else "sample")
+    if cfg.std not in ("sample", "population"):
+        raise ValueError(f"--std '{cfg.std}': use sample or population")
+    if not (cfg.checkpoints in ("last", "all", "best") or all(x.strip().isdigit() for x in cfg.checkpoints.split(","))):
+        raise ValueError(f"--checkpoints '{cfg.checkpoints}': use last, all, best or comma-separated step numbers")
+    for name in ("samples", "seeds", "max_new_tokens", "max_len", "batch_prompts", "limit"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -149,27 +181,100 @@ class Setup:
     steering: str | None
     temperature: float
     seeds: list[int]
+    run: str | None = None  # the run directory the file came from (--checkpoints)
+    step: int | None = None  # its training step
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and not (path / M.ADAPTER_JSON).is_file()
+
+
+def run_checkpoints(run_dir: Path, which: str) -> list[tuple[Path, int | None]]:
+    """The adapter files of a train.py run directory that --checkpoints asks for, oldest first:
+    {adapter}.safetensors is the latest, {adapter}-step{N}.safetensors the history (train.py's
+    layout; full fine-tuning keeps only its latest folder, full/)."""
+    try:
+        kind = json.loads((run_dir / "config.json").read_text()).get("adapter", "steering")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--steering {run_dir}: unreadable config.json ({e})") from None
+    prefix = f"{kind}-step"
+    history = {int(f.name[len(prefix):-len(".safetensors")]): f for f in run_dir.glob(f"{prefix}*.safetensors")
+               if f.name[len(prefix):-len(".safetensors")].isdigit()}
+    if which == "last" or kind == "full":
+        latest = run_dir / ("full" if kind == "full" else f"{kind}.safetensors")
+        if which != "last":
+            raise ValueError(f"--checkpoints {which}: a full fine-tuning run keeps only its latest weights ({latest})")
+        if not latest.exists():
+            raise FileNotFoundError(f"--steering {run_dir}: no {latest.name} (not a train.py run directory, "
+                                    "or no checkpoint yet)")
+        return [(latest, max(history) if history else None)]
+    if not history:
+        raise FileNotFoundError(f"--steering {run_dir}: no {prefix}{{N}}.safetensors checkpoints")
+    steps = sorted(history) if which in ("all", "best") else [int(x) for x in which.split(",")]
+    missing = [s for s in steps if s not in history]
+    if missing:
+        raise FileNotFoundError(f"--steering {run_dir}: no checkpoint at step(s) {missing}; it has {sorted(history)}")
+    return [(history[s], s) for s in steps]
 
 
 def make_setups(cfg: EvalConfig) -> list[Setup]:
-    files = [s.strip() for s in cfg.steering.split(",") if s.strip()]
-    paths = [None if f.lower() == "none" else f for f in files]
-    if cfg.base and None not in paths:
-        paths.insert(0, None)
-    paths = list(dict.fromkeys(paths))  # drop repeats, keep order
-    if not paths:
+    entries = []  # (file or None, run directory, step)
+    for spec in (s.strip() for s in cfg.steering.split(",") if s.strip()):
+        if spec.lower() == "none":
+            entries.append((None, None, None))
+        elif is_run_dir(Path(spec)):
+            entries += [(str(f), spec, step) for f, step in run_checkpoints(Path(spec), cfg.checkpoints)]
+        elif Path(spec).exists():  # an adapter file, or a full fine-tuning folder
+            entries.append((spec, None, None))
+        else:  # a shared vector: org/name[:file] on the hub
+            entries.append((str(hub.resolve(spec)), None, None))
+    if cfg.base and (None, None, None) not in entries:
+        entries.insert(0, (None, None, None))
+    entries = list(dict.fromkeys(entries))  # drop repeats, keep order
+    if not entries:
         raise ValueError("nothing to evaluate: --no-base and no --steering file")
     setups = []
-    for path in paths:
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"--steering: {path} is not a file")
+    for path, run, step in entries:
         if cfg.temperature is not None:
             temperature = cfg.temperature
         else:  # the paper: greedy base, steered models sampled at T = 1
             temperature = 1.0 if cfg.protocol == "paper" and path is not None else 0.0
         seeds = [cfg.seed] if temperature == 0 else [cfg.seed + i for i in range(cfg.seeds)]
-        setups.append(Setup("base" if path is None else path, path, temperature, seeds))
+        setups.append(Setup("base" if path is None else path, path, temperature, seeds, run, step))
     return setups
+
+
+def best_checkpoints(results: dict, setups: list[Setup]) -> dict[str, str]:
+    """--checkpoints best: per run directory, the setup with the highest Avg. Chosen on the test
+    benchmarks being reported, as the paper chose its Table 1 checkpoint: an optimistic number."""
+    best = {}
+    for s in setups:
+        if s.run is not None and (s.run not in best or
+                                  results[s.name]["avg"]["mean"] > results[best[s.run]]["avg"]["mean"]):
+            best[s.run] = s.name
+    return best
+
+
+def resolve_lengths(cfg: EvalConfig, context: int | None) -> EvalConfig:
+    """--max-len defaults to the model's context; --protocol paper caps it at 32K (the paper's
+    eval cap; Qwen2.5-Math's own context is 4K) and lets the completion take what the prompt
+    leaves. Generation never runs past max_len in total."""
+    max_len = cfg.max_len
+    if max_len is None:
+        max_len = min(context or 32768, 32768) if cfg.protocol == "paper" else context
+    if max_len is not None and context is not None and max_len > context:
+        raise ValueError(f"--max-len {max_len} is beyond the model's context of {context} tokens "
+                         "(max_position_embeddings in its config.json)")
+    max_new = cfg.max_new_tokens
+    if max_new is None:
+        max_new = max_len if cfg.protocol == "paper" and max_len else 4096
+    return replace(cfg, max_len=max_len, max_new_tokens=max_new)
+
+
+def completion_budgets(cfg: EvalConfig, prompts: list[list[int]]) -> list[int]:
+    """Per prompt: --max-new-tokens, cut so that prompt + completion <= --max-len."""
+    limit = cfg.max_new_tokens or 4096
+    return [max(0, min(limit, cfg.max_len - len(p))) if cfg.max_len else limit for p in prompts]
 
 
 def samples_per_problem(cfg: EvalConfig, bench: str, temperature: float) -> int:
@@ -203,11 +308,14 @@ def metric_name(k: int) -> str:
     return "pass@1" if k == 1 else f"avg@{k}"
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and SAMPLE std (n - 1) over seeds; std 0 for a single value."""
+def mean_std(values: list[float], population: bool = False) -> tuple[float, float]:
+    """Mean and std over seeds: the SAMPLE std (n - 1) by default, the POPULATION std (n, as
+    numpy's np.std, which the paper's tables use) when asked; std 0 for a single value."""
     if not values:
         raise ValueError("mean_std of no values")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    if len(values) == 1:
+        return values[0], 0.0
+    return statistics.fmean(values), statistics.pstdev(values) if population else statistics.stdev(values)
 
 # -----------------------------------------------------------------------------
 # The evaluation core: generate -> decode -> grade, one record per sample. The sampler, the
@@ -228,16 +336,26 @@ def evaluate_setup(sampler, tokenizer, setup: Setup, benches: dict[str, list[dic
     for bench, problems in benches.items():
         mine = [(i, p) for i, p in enumerate(problems) if i % world == rank]
         prompts = [tokenizer.encode_prompt(p["problem"]) for _, p in mine]
+        too_long = [i for (i, _), p in zip(mine, prompts) if cfg.max_len and len(p) >= cfg.max_len]
+        if too_long:
+            raise ValueError(f"{bench}: problems {too_long[:10]} have prompts of {cfg.max_len} tokens or more, the "
+                             "--max-len cap (default: the model's context): no room for an answer")
+        budgets = completion_budgets(cfg, prompts)
         k = samples_per_problem(cfg, bench, setup.temperature)
         for seed in setup.seeds:
             completions = []
             for start in range(0, len(mine), cfg.batch_prompts):
                 completions += sampler.generate(
-                    prompts[start:start + cfg.batch_prompts], n=k, max_new_tokens=cfg.max_new_tokens,
+                    prompts[start:start + cfg.batch_prompts], n=k,
+                    max_new_tokens=budgets[start:start + cfg.batch_prompts],
                     temperature=setup.temperature, top_p=cfg.top_p, stop_token_ids=tokenizer.stop_token_ids,
                     seed=call_seed(seed, bench, mine[start][0]))
                 if progress is not None:
+                    progress.tokens = getattr(progress, "tokens", 0) + sum(len(c.tokens) for g in completions[-len(
+                        prompts[start:start + cfg.batch_prompts]):] for c in g)
+                    rate = progress.tokens / max(progress.format_dict["elapsed"], 1e-9)
                     progress.set_description(f"{setup.name} {bench} seed {seed}", refresh=False)
+                    progress.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
                     progress.update(len(prompts[start:start + cfg.batch_prompts]) * k)
             flat = [(i, p, j, c) for (i, p), group in zip(mine, completions) for j, c in enumerate(group)]
             texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for _, _, _, c in flat]
@@ -249,8 +367,10 @@ def evaluate_setup(sampler, tokenizer, setup: Setup, benches: dict[str, list[dic
     return records
 
 
-def summarize(records: list[dict], setups: list[str], benches: list[str]) -> dict:
-    """Per setup and benchmark: metric, per-seed scores, mean ± sample std (percent); and Avg."""
+def summarize(records: list[dict], setups: list[str], benches: list[str], population: bool = False) -> dict:
+    """Per setup and benchmark: metric, per-seed scores, mean ± std (percent; sample std, or
+    population std when asked); and Avg. With several samples per problem (avg@32 on AIME/AMC)
+    also `first_sample`: the pass@1 of each problem's first sample alone, per seed."""
     runs = defaultdict(lambda: defaultdict(list))  # (setup, bench, seed) -> problem index -> rewards
     for r in records:
         runs[(r["setup"], r["bench"], r["seed"])][r["index"]].append(r["reward"])
@@ -261,47 +381,69 @@ def summarize(records: list[dict], setups: list[str], benches: list[str]) -> dic
             raise ValueError(f"no samples for setup {setup}")
         row = {}
         for bench in benches:
-            per_seed, ks, counts = [], set(), set()
+            per_seed, first, ks, counts = [], [], set(), set()
             for seed in seeds:
                 correct = list(runs[(setup, bench, seed)].values())
                 if not correct:
                     raise ValueError(f"no samples for setup {setup}, benchmark {bench}, seed {seed}")
                 k = len(correct[0])
                 per_seed.append(100 * avg_at_k(correct, k))
+                first.append(100 * pass_at_1([c[:1] for c in correct]))  # records arrive in sample order
                 ks.add(k)
                 counts.add(len(correct))
             if len(ks) != 1 or len(counts) != 1:
                 raise ValueError(f"setup {setup}, benchmark {bench}: seeds differ in samples {ks} or problems {counts}")
-            mean, std = mean_std(per_seed)
-            row[bench] = dict(metric=metric_name(ks.pop()), problems=counts.pop(), seeds=seeds,
+            mean, std = mean_std(per_seed, population)
+            k = ks.pop()
+            row[bench] = dict(metric=metric_name(k), problems=counts.pop(), seeds=seeds,
                               per_seed=per_seed, mean=mean, std=std)
+            if k > 1:
+                first_mean, first_std = mean_std(first, population)
+                row[bench]["first_sample"] = dict(metric="pass@1 (first sample)", per_seed=first,
+                                                  mean=first_mean, std=first_std)
         avg_per_seed = [statistics.fmean(row[b]["per_seed"][i] for b in benches) for i in range(len(seeds))]
-        mean, std = mean_std(avg_per_seed)
+        mean, std = mean_std(avg_per_seed, population)
         results[setup] = dict(benchmarks=row, avg=dict(per_seed=avg_per_seed, mean=mean, std=std))
     return results
 
 
-def markdown_table(results: dict, setups: list[Setup], benches: list[str], model_name: str) -> str:
+def markdown_table(results: dict, setups: list[Setup], benches: list[str], model_name: str,
+                   population: bool = False, best: dict[str, str] | None = None) -> str:
+    """Table 1's layout. Benchmarks sampled several times per problem get a second column, the
+    pass@1 of the first sample alone (the paper reports both for AIME/AMC)."""
+    best = set((best or {}).values())
+
     def label(s: Setup) -> str:
         how = "greedy" if s.temperature == 0 else f"T={s.temperature:g}"
-        return f"{model_name} ({how})" if s.steering is None else f"{model_name} + {s.steering} ({how})"
+        text = f"{model_name} ({how})" if s.steering is None else f"{model_name} + {s.steering} ({how})"
+        return text + (" **best Avg. of its run, chosen on these test sets**" if s.name in best else "")
 
     def cell(m: dict) -> str:
         return f"{m['mean']:.1f} ± {m['std']:.1f}"
 
-    head = ["Setup"] + [DISPLAY.get(b, b) for b in benches] + ["Avg."]
+    multi = [b for b in benches if any("first_sample" in results[s.name]["benchmarks"][b] for s in setups)]
+    head = ["Setup"]
+    for b in benches:
+        head += [DISPLAY.get(b, b)] + ([f"{DISPLAY.get(b, b)} 1st"] if b in multi else [])
+    head.append("Avg.")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + [":---:"] * (len(head) - 1)) + "|"]
     for s in setups:
-        row = results[s.name]
-        lines.append("| " + " | ".join([label(s)] + [cell(row["benchmarks"][b]) for b in benches]
-                                       + [cell(row["avg"])]) + " |")
+        row, cells = results[s.name], [label(s)]
+        for b in benches:
+            m = row["benchmarks"][b]
+            cells += [cell(m)] + ([cell(m.get("first_sample", m))] if b in multi else [])
+        lines.append("| " + " | ".join(cells + [cell(row["avg"])]) + " |")
     notes = []
     for s in setups:
         metrics = ", ".join(f"{DISPLAY.get(b, b)} {results[s.name]['benchmarks'][b]['metric']}" for b in benches)
         seeds = results[s.name]["benchmarks"][benches[0]]["seeds"]
         runs = "one deterministic run (greedy), std 0" if s.temperature == 0 else f"{len(seeds)} seed(s) {seeds}"
         notes.append(f"- {label(s)}: {metrics}; {runs}")
-    return "\n".join(lines + ["", "Percent correct, mean ± sample std (n-1) over seeds.", *notes]) + "\n"
+    std = "population std (n, np.std: the paper's)" if population else "sample std (n-1)"
+    legend = f"Percent correct, mean ± {std} over seeds."
+    if multi:
+        legend += " A '1st' column is the pass@1 of each problem's first sample alone."
+    return "\n".join(lines + ["", legend, *notes]) + "\n"
 
 # -----------------------------------------------------------------------------
 # Running it: data, model, distributed plumbing, outputs.
@@ -319,21 +461,27 @@ def load_benches(cfg: EvalConfig) -> dict[str, list[dict]]:
     return benches
 
 
-def set_steering(model: M.Transformer, setup: Setup, scale: float):
-    if setup.steering is None:
-        with torch.no_grad():
-            model.steering.zero_()
-    else:
-        model.load_steering(setup.steering)
+def apply_setup(model: M.Transformer, setup: Setup, scale: float, base_folder: Path):
+    """The row's adapter on the model: none (the base: a zero steering vector), a steering or
+    LoRA file, or a full fine-tuning folder (its weights, loaded in place). After a full row the
+    base weights are read back from `base_folder`, so every later row starts from the base."""
+    if model.adapter.kind == "full":
+        M.load_weights(model, base_folder, model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
+    if setup.steering is None or model.adapter.kind == "full":
+        model.set_adapter("steering")  # zeros: the base model
+    if setup.steering is not None:
+        model.load_adapter(setup.steering)
     model.steering_scale = scale
 
 
 def write_outputs(out: Path, cfg: EvalConfig, setups: list[Setup], benches: list[str], records: list[dict],
-                  results: dict, table: str):
+                  results: dict, table: str, best: dict[str, str]):
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table)
-    summary = dict(config=asdict(cfg), unit="percent correct", std="sample std (n-1) over seeds; 0 for one run",
-                   benchmarks=benches, setups=[dict(asdict(s), **results[s.name]) for s in setups])
+    std = "population std (n)" if cfg.std == "population" else "sample std (n-1)"
+    summary = dict(config=asdict(cfg), unit="percent correct", std=f"{std} over seeds; 0 for one run",
+                   benchmarks=benches, setups=[dict(asdict(s), **results[s.name]) for s in setups],
+                   best=dict(by_run=best, selected_on="the test benchmarks reported here") if best else None)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     order = {s.name: i for i, s in enumerate(setups)}
     bench_order = {b: i for i, b in enumerate(benches)}
@@ -344,28 +492,55 @@ def write_outputs(out: Path, cfg: EvalConfig, setups: list[Setup], benches: list
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def log_to_wandb(cfg: EvalConfig, results: dict, setups: list[Setup], benches: list[str]):
+    import wandb  # optional: only when asked for
+    run = wandb.init(project=cfg.wandb_project, config=asdict(cfg), job_type="eval")
+    columns = ["setup", "temperature"] + benches + ["avg"]
+    rows = [[s.name, s.temperature] + [results[s.name]["benchmarks"][b]["mean"] for b in benches]
+            + [results[s.name]["avg"]["mean"]] for s in setups]
+    run.log({"results": wandb.Table(columns=columns, data=rows)})
+    run.finish()
+
+
 def main(argv=None):
     cfg = apply_protocol(parse_args(argv))
     setups = make_setups(cfg)
     benches = load_benches(cfg)
+    if cfg.wandb_project:
+        try:
+            import wandb  # noqa: F401  (checked before anything loads)
+        except ImportError:
+            raise SystemExit("--wandb-project needs the wandb package: pip install wandb") from None
     # graders fork first, from a small process (before the model and CUDA take memory)
     pool = reward.RewardPool(cfg.grade_workers, cfg.grade_timeout).start()
     c = cluster.init(cfg.device or "auto")
     tokenizer = data.Tokenizer.from_dir(cfg.tokenizer or M.resolve_checkpoint(cfg.model))
     dtype = M.auto_dtype(c.device) if cfg.dtype == "auto" else cfg.dtype
+    available = memory.available_bytes(c.device)  # before the weights load: the plan counts them
     model = M.Transformer.from_pretrained(cfg.model, dtype=dtype, device=c.device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {cfg.model} only "
                          f"{model.config.vocab_size} embedding rows: wrong --tokenizer?")
-    sampler_args = {} if cfg.kv_cache_tokens is None else dict(kv_cache_tokens=cfg.kv_cache_tokens)
-    sampler = Sampler(model, vocab_size=tokenizer.vocab_size, **sampler_args)
+    cfg = resolve_lengths(cfg, model.config.max_position_embeddings)
+    # the KV pool from the memory plan: one generate call's sequences at once (--batch-prompts x the
+    # most samples per problem), at most 90 % of what the weights leave (no backward here)
+    prompts = [tokenizer.encode_prompt(p["problem"]) for problems in benches.values() for p in problems]
+    longest = max(len(p) + b for p, b in zip(prompts, completion_budgets(cfg, prompts)))
+    most = max(samples_per_problem(cfg, b, s.temperature) for s in setups for b in benches)
+    plan = memory.plan(model.config, model.embed_tokens.weight.dtype, c.device, available=available, trainable=0,
+                       sequences=min(cfg.batch_prompts, len(prompts)) * most, longest=longest, backward=False,
+                       kv_cache_tokens=cfg.kv_cache_tokens, gpu_memory_fraction=0.9)
+    if c.is_main:
+        print(plan.summary(), file=sys.stderr)
+    sampler = Sampler(model, vocab_size=tokenizer.vocab_size, kv_cache_tokens=plan.kv_cache_tokens,
+                      max_seq_len=longest)
 
     total = sum(len(range(c.rank, len(problems), c.world)) * samples_per_problem(cfg, b, s.temperature)
                 * len(s.seeds) for s in setups for b, problems in benches.items())
     progress = tqdm(total=total, unit="sample", disable=not (c.is_main and sys.stderr.isatty()))
     started, records = time.time(), []
     for setup in setups:
-        set_steering(model, setup, cfg.steering_scale)
+        apply_setup(model, setup, cfg.steering_scale, M.resolve_checkpoint(cfg.model))
         records += evaluate_setup(sampler, tokenizer, setup, benches, cfg, pool.score_batch, c.rank, c.world,
                                   progress)
     progress.close()
@@ -373,14 +548,20 @@ def main(argv=None):
     records = cluster.gather(records, c)
     if c.is_main:
         names = list(benches)
-        results = summarize(records, [s.name for s in setups], names)
-        table = markdown_table(results, setups, names, Path(cfg.model).name)
-        write_outputs(Path(cfg.out), cfg, setups, names, records, results, table)
+        population = cfg.std == "population"
+        results = summarize(records, [s.name for s in setups], names, population)
+        best = best_checkpoints(results, setups) if cfg.checkpoints == "best" else {}
+        table = markdown_table(results, setups, names, Path(cfg.model).name, population, best)
+        write_outputs(Path(cfg.out), cfg, setups, names, records, results, table, best)
         print(table)
-        print(f"{len(records)} samples in {time.time() - started:.0f}s; wrote {cfg.out}/results.md, "
-              f"results.json, samples.jsonl", file=sys.stderr)
+        tokens = sum(r["n_tokens"] for r in records)
+        elapsed = time.time() - started
+        print(f"{len(records)} samples, {tokens} generated tokens in {elapsed:.0f}s ({tokens / max(elapsed, 1e-9):.0f} "
+              f"tok/s); wrote {cfg.out}/results.md, results.json, samples.jsonl", file=sys.stderr)
+        if cfg.wandb_project:
+            log_to_wandb(cfg, results, setups, names)
     cluster.close()
 
 
 if __name__ == "__main__":
-    main()
+    cluster.run_cli(main)

@@ -1,25 +1,31 @@
-"""A hand-written Llama / Qwen2 decoder with one trainable steering vector per layer.
+"""A hand-written Llama / Qwen2 decoder with a pluggable adapter: what trains, and where.
 
     h = embed(tokens)
     for l in range(L):
         h = h + attn(rmsnorm(h))            # GQA attention with RoPE
-        h = h + mlp(rmsnorm(h))             # SwiGLU
-        h = h + alpha * steering[l]         # the only trainable numbers: L x d, fp32, zeros at init
+        h = adapter.post_attn(l, h)         # post-attn steering
+        x = silu(gate(m)) * up(m)           # SwiGLU, m = rmsnorm(h)
+        h = h + adapter.down_proj(l, x, down(x))   # LoRA: down(x) + (alpha / r) B A x
+        h = adapter.post_block(l, h)        # steering (the default): h + alpha * steering[l]
     logits = lm_head(rmsnorm(h))
 
-Module and tensor names follow the Hugging Face layout (minus the leading "model."), so a
-checkpoint folder (config.json + safetensors) loads tensor by tensor with no renaming table.
+The default adapter is one steering vector per layer (L x d, fp32, zeros at init: Sinii et al.);
+the others are LoRA on every MLP down_proj and full fine-tuning (fp32 master weights). A new
+adapter is one class below. Module and tensor names follow the Hugging Face layout (minus the
+leading "model."), so a checkpoint folder (config.json + safetensors) loads tensor by tensor with
+no renaming table.
 
 Batches of different-length sequences use RIGHT padding: attention is causal, so a real
 token never sees the pads that follow it, and no attention mask is needed; the caller masks
 the pads out of the loss. Attention itself is pluggable (`attend=`): the sampler passes its
-paged-KV attention and reuses everything else here, so the steered forward exists once.
+paged-KV attention and reuses everything else here, so the adapted forward exists once.
 """
 import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,7 +54,9 @@ class Config:
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2 has biases on q/k/v (not on o)
     torch_dtype: str | None = None
-    name: str = ""  # where the weights came from (hub id or folder); saved with steering files
+    max_position_embeddings: int | None = None  # the context the model was trained for, when config.json says
+    name: str = ""  # where the weights came from (hub id or folder); saved with adapter files
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # config.json as read (full fine-tunes save it)
 
     @classmethod
     def from_json(cls, path) -> "Config":
@@ -114,6 +122,8 @@ class Config:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2",
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+            max_position_embeddings=raw.get("max_position_embeddings"),
+            raw=dict(raw),
         )
 
 
@@ -189,8 +199,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, layer, adapter, state):
+        x = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, ffn)
+        return adapter.down_proj(layer, x, self.down_proj(x), state)
 
 
 class Block(nn.Module):
@@ -201,9 +212,186 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attend, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, attend, layer, adapter, state):
+        x = adapter.post_attn(layer, x + self.self_attn(self.input_layernorm(x), cos, sin, attend, layer), state)
+        x = x + self.mlp(self.post_attention_layernorm(x), layer, adapter, state)
+        return adapter.post_block(layer, x, state)
+
+
+# -----------------------------------------------------------------------------
+# Adapters: what trains and where it enters the forward. Every block calls its adapter at three
+# fixed points; `prepare` runs once per forward (scales and casts), so a point costs one method
+# call. The tensors an adapter reads at those points are read in place, so a CUDA graph captured
+# around the forward sees optimizer updates (see Transformer.adapter_key).
+
+ADAPTERS = ("steering", "lora", "full")
+STEER_AT = ("post-block", "post-attn")
+
+
+def parse_layers(spec: str, num_layers: int, flag: str = "--layers") -> tuple[int, ...]:
+    """'27', '0-13', '20,24,27', '0-3,8' or '' (every layer) -> sorted layer indices."""
+    if not spec.strip():
+        return tuple(range(num_layers))
+    layers = set()
+    for part in spec.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"{flag} {spec}: '{part}' is not a layer index or a range a-b")
+        a, b = int(lo), int(hi if dash else lo)
+        if a > b:
+            raise ValueError(f"{flag} {spec}: the range '{part}' is empty")
+        if b >= num_layers:
+            raise ValueError(f"{flag} {spec}: out of range 0..{num_layers - 1}")
+        layers.update(range(a, b + 1))
+    return tuple(sorted(layers))
+
+
+class Adapter(nn.Module):
+    kind = ""
+    base_fingerprint = None  # set by adapters that change the base weights (full)
+
+    def prepare(self, dtype, scale):  # once per forward -> `state`, handed to every point
+        return None
+
+    def post_attn(self, layer, h, state):  # h (B, T, d): after the attention residual
+        return h
+
+    def down_proj(self, layer, x, out, state):  # x (B, T, ffn) into down_proj, out (B, T, d) its output
+        return out
+
+    def post_block(self, layer, h, state):  # h (B, T, d): after the MLP residual
+        return h
+
+    def options(self) -> dict:  # what rebuilds it (and its file's metadata): layers, steer_at, rank, alpha
+        return {}
+
+    def trainable(self) -> list:  # the tensors the optimizer updates
+        return list(self.parameters())
+
+    def num_trainable(self) -> int:  # numbers that actually train
+        return sum(p.numel() for p in self.trainable())
+
+    def key(self) -> tuple:  # what a captured graph bakes in: options, and the addresses it reads
+        return (self.kind, tuple(self.options().items()), tuple(p.data_ptr() for p in self.parameters()))
+
+    def after_step(self):  # after optimizer.step(): bring the forward's tensors up to date
+        pass
+
+    def close(self):  # undo what the adapter did to the base model, before it is replaced
+        pass
+
+
+class Steering(Adapter):
+    """h + alpha * steering[l] after the block (or after the attention residual), for the listed
+    layers. Rows of other layers are never read: their gradient is exactly zero, so AdamW (zero
+    moments, decoupled weight decay of zero) keeps them exactly zero."""
+    kind = "steering"
+
+    def __init__(self, num_layers, d, layers, steer_at, device=None, dtype=torch.float32):
+        super().__init__()
+        self.steering = nn.Parameter(torch.zeros(num_layers, d, device=device, dtype=dtype))
+        self.layers, self.steer_at = layers, steer_at
+        listed = set(layers)
+        self.at_attn = tuple(i in listed and steer_at == "post-attn" for i in range(num_layers))
+        self.at_block = tuple(i in listed and steer_at == "post-block" for i in range(num_layers))
+
+    def prepare(self, dtype, scale):
+        return (scale * self.steering).to(dtype)  # (L, d), added in the compute dtype
+
+    def post_attn(self, layer, h, state):
+        return h + state[layer] if self.at_attn[layer] else h
+
+    def post_block(self, layer, h, state):
+        return h + state[layer] if self.at_block[layer] else h
+
+    def options(self):
+        return dict(layers=self.layers, steer_at=self.steer_at)
+
+    def num_trainable(self):
+        return len(self.layers) * self.steering.shape[1]
+
+
+class LoRA(Adapter):
+    """down_proj(x) + (alpha / r) B A x on the listed layers, as PEFT's LoRA (no dropout, PEFT's
+    init: A kaiming-uniform(a=sqrt 5) = U(+-1/sqrt(ffn)), B zeros). A and B are stacked over the
+    listed layers: two tensors whatever L. In a 16-bit model they are cast to the compute dtype
+    for the two matmuls (as torch.autocast does), so the delta runs at the model's rate and autograd
+    saves 16-bit activations; the gradient arrives in the fp32 parameters through the cast."""
+    kind = "lora"
+
+    def __init__(self, cfg: Config, layers, rank, alpha, device=None, dtype=torch.float32):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(len(layers), rank, cfg.intermediate_size, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(len(layers), cfg.hidden_size, rank, device=device, dtype=dtype))
+        for a in self.lora_A.data:  # per layer: fan_in = ffn (the stacked tensor's would be wrong)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.layers, self.rank, self.alpha, self.scale = layers, rank, alpha, alpha / rank
+        self.slot = tuple(layers.index(i) if i in layers else None for i in range(cfg.num_layers))
+
+    def prepare(self, dtype, scale):
+        return self.lora_A.to(dtype), self.lora_B.to(dtype)
+
+    def down_proj(self, layer, x, out, state):
+        j = self.slot[layer]
+        if j is None:
+            return out
+        A, B = state
+        return out + F.linear(F.linear(x, A[j]), B[j]) * self.scale  # (B, T, r) -> (B, T, d)
+
+    def options(self):
+        return dict(layers=self.layers, rank=self.rank, alpha=self.alpha)
+
+
+class Full(Adapter):
+    """Every base weight trains. The optimizer updates fp32 tensors: the weights themselves in an
+    fp32 (or fp64) model; otherwise fp32 masters, made when training first asks for them (an
+    evaluated fine-tune needs none), while the forward reads the 16-bit weights. Then a hook moves
+    each 16-bit gradient into its master's fp32 .grad as soon as backward produces it (micro-batches
+    accumulate in fp32, no 16-bit gradients are kept), and after_step copies the masters into the
+    16-bit weights IN PLACE: the sampler and its CUDA graphs read the same storage, so the trainer ->
+    sampler weight sync is 0 bytes."""
+    kind = "full"
+
+    def __init__(self, weights: list, base_fingerprint: str):
+        super().__init__()
+        self.weights = tuple(weights)  # the model's own parameters (a tuple: not registered twice)
+        self.base_fingerprint = base_fingerprint
+        self.masters, self.hooks = None, []
+        for w in weights:
+            w.requires_grad_(True)
+
+    def trainable(self):
+        master_dtype = torch.promote_types(self.weights[0].dtype, torch.float32)
+        if self.weights[0].dtype == master_dtype:
+            return list(self.weights)
+        if self.masters is None:
+            self.masters = nn.ParameterList(nn.Parameter(w.detach().to(master_dtype)) for w in self.weights)
+            self.hooks = [w.register_post_accumulate_grad_hook(lambda w, m=m: Full._to_master(w, m))
+                          for w, m in zip(self.weights, self.masters)]
+        return list(self.masters)
+
+    @staticmethod
+    def _to_master(w, master):
+        if master.grad is None:
+            master.grad = w.grad.to(master.dtype)
+        else:
+            master.grad.add_(w.grad)
+        w.grad = None
+
+    def key(self):
+        return (self.kind, tuple(w.data_ptr() for w in self.weights))
+
+    @torch.no_grad()
+    def after_step(self):
+        for w, m in zip(self.weights, self.masters or ()):
+            w.copy_(m)
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+        for w in self.weights:
+            w.requires_grad_(False)
+            w.grad = None
 
 
 class Transformer(nn.Module):
@@ -214,10 +402,23 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.steering = nn.Parameter(torch.zeros(cfg.num_layers, cfg.hidden_size, dtype=torch.float32))
+        self.adapter = Steering(cfg.num_layers, cfg.hidden_size, tuple(range(cfg.num_layers)), "post-block")
         self.steering_scale = 1.0  # alpha at inference: h + alpha * steering[l]
         self.checkpoint_blocks = False  # recompute blocks in backward (activation checkpointing)
+        self.grad_buffer = None  # the trainable gradients, flat: made by reset_grads
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def __getattr__(self, name):
+        # `model.steering` (the DESIGN contract) is the steering adapter's (L, d) parameter. It is
+        # resolved here rather than by a property because nn.Module's __getattr__ would replace a
+        # property's AttributeError by a generic one.
+        if name == "steering":
+            adapter = super().__getattr__("adapter")
+            if adapter.kind != "steering":
+                raise AttributeError(f"model.steering: the adapter is '{adapter.kind}', not steering "
+                                     "(see model.adapter, model.trainable_parameters())")
+            return adapter.steering
+        return super().__getattr__(name)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -232,28 +433,128 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def hidden_states(self, tokens, positions=None, attend=causal_attention):
-        """tokens (B, T) -> final-normed hidden states (B, T, d), steering added after every block."""
+        """tokens (B, T) -> final-normed hidden states (B, T, d), the adapter applied in every block."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
         cos, sin = self.rope(positions)
         h = self.embed_tokens(tokens)
-        steer = (self.steering_scale * self.steering).to(h.dtype)  # added in the compute dtype
+        adapter = self.adapter
+        state = adapter.prepare(h.dtype, self.steering_scale)
         for i, block in enumerate(self.layers):
             if self.checkpoint_blocks and torch.is_grad_enabled():
-                h = checkpoint(block, h, cos, sin, attend, i, use_reentrant=False)
+                h = checkpoint(block, h, cos, sin, attend, i, adapter, state, use_reentrant=False)
             else:
-                h = block(h, cos, sin, attend, i)
-            h = h + steer[i]
+                h = block(h, cos, sin, attend, i, adapter, state)
         return self.norm(h)
 
     def forward(self, tokens, positions=None, attend=causal_attention):
         """tokens (B, T) -> logits (B, T, V) in the model dtype."""
         return F.linear(self.hidden_states(tokens, positions, attend), self.head_weight)
 
-    # ---- steering files: safetensors with one tensor "steering" (L, d) + metadata ----
+    # ---- the adapter: choosing it, training it (train.py), keying graphs on it (sample.py) ----
+
+    def base_weights(self) -> dict:
+        """The checkpoint's parameters by (HF name minus 'model.'): everything but the adapter's own."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("adapter.")}
+
+    def set_adapter(self, kind, layers=None, steer_at="post-block", lora_rank=4, lora_alpha=None) -> Adapter:
+        """Replace the adapter by a fresh one: steering zeros, LoRA with PEFT's init, or the current
+        weights (full). `layers`: None / '' (all), a spec for parse_layers, or indices; `lora_alpha`
+        None means alpha = rank (scale 1). Options that do not apply to `kind` are ignored.
+        Parameters are fp32 (fp64 in a float64 model) on the model's device."""
+        options = self._adapter_options(kind, layers, steer_at, lora_rank, lora_alpha)
+        fingerprint = (self.adapter.base_fingerprint or self.fingerprint()) if kind == "full" else None
+        self.adapter.close()
+        if kind == "full":
+            self.adapter = Full(list(self.base_weights().values()), fingerprint)
+        else:
+            self.adapter = self._new_adapter(kind, options)
+        self.grad_buffer = None  # the next reset_grads makes the new adapter's
+        return self.adapter
+
+    def _adapter_options(self, kind, layers, steer_at, lora_rank, lora_alpha) -> dict:
+        """set_adapter's arguments checked, as the adapter's options() will be."""
+        L = self.config.num_layers
+        if kind not in ADAPTERS:
+            raise ValueError(f"--adapter {kind}: unknown (one of {', '.join(ADAPTERS)})")
+        if layers is not None and not isinstance(layers, str):
+            if not len(layers):
+                raise ValueError("--layers: no layer given")
+            layers = ",".join(str(i) for i in layers)
+        layers = parse_layers(layers or "", L)
+        if kind == "steering":
+            if steer_at not in STEER_AT:
+                raise ValueError(f"--steer-at {steer_at}: unknown (one of {', '.join(STEER_AT)})")
+            return dict(layers=layers, steer_at=steer_at)
+        if kind == "lora":
+            if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+                raise ValueError(f"--lora-rank {lora_rank}: must be an integer >= 1")
+            lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
+            if not lora_alpha > 0:
+                raise ValueError(f"--lora-alpha {lora_alpha}: must be > 0")
+            return dict(layers=layers, rank=lora_rank, alpha=lora_alpha)
+        if len(layers) != L:
+            raise ValueError("--layers: full fine-tuning trains every layer (leave --layers empty)")
+        return {}
+
+    def _new_adapter(self, kind, options) -> Adapter:
+        base = self.embed_tokens.weight
+        device, dtype = base.device, torch.promote_types(base.dtype, torch.float32)
+        if kind == "steering":
+            return Steering(self.config.num_layers, self.config.hidden_size, **options, device=device, dtype=dtype)
+        return LoRA(self.config, **options, device=device, dtype=dtype)
+
+    def trainable_parameters(self) -> list:
+        """The fp32 tensors the optimizer updates (nanoGPT's configure_optimizers, on the model)."""
+        return self.adapter.trainable()
+
+    def num_trainable(self) -> int:
+        """Numbers that actually train (a 3-layer steering subset: 3 d)."""
+        return self.adapter.num_trainable()
+
+    def reset_grads(self) -> torch.Tensor:
+        """Zero the trainable gradients and return the ONE flat fp32 buffer they live in: each
+        trainable tensor's .grad is a view of it, so backward accumulates straight into it and the
+        trainer all-reduces this single tensor. Call before each step's backward (it re-binds the
+        views, so an optimizer.zero_grad(set_to_none=True) in between does no harm)."""
+        params = self.trainable_parameters()
+        n, p0 = sum(p.numel() for p in params), params[0]
+        buf = self.grad_buffer
+        if buf is None or buf.numel() != n or buf.dtype != p0.dtype or buf.device != p0.device:
+            buf = self.grad_buffer = torch.zeros(n, dtype=p0.dtype, device=p0.device)
+        buf.zero_()
+        offset = 0
+        for p in params:
+            p.grad = buf[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return buf
+
+    def trainable_to_weights(self):
+        """After optimizer.step(): the forward's weights from the updated tensors, in place (full
+        fine-tuning in 16 bits: masters -> weights; a no-op for every other adapter)."""
+        self.adapter.after_step()
+
+    def trainable_bytes(self) -> dict:
+        """What training holds beyond activations, in bytes: the weights the forward reads (base +
+        adapter), the fp32 masters (full fine-tuning in 16 bits), the gradients (the flat buffer,
+        also what is all-reduced) and AdamW's two moments; `numel` counts the trainable tensors."""
+        params = self.trainable_parameters()
+        numel, size = sum(p.numel() for p in params), params[0].element_size()
+        masters = numel * size if getattr(self.adapter, "masters", None) is not None else 0
+        weights = sum(p.numel() * p.element_size() for p in self.parameters()) - masters
+        return dict(numel=numel, weights=weights, masters=masters, grads=numel * size, optimizer=2 * numel * size)
+
+    def adapter_key(self) -> tuple:
+        """A hashable key of everything a captured CUDA graph bakes in: the adapter's kind and
+        options, the Python floats (steering_scale; LoRA's alpha / r) and the addresses of the
+        tensors the forward reads. In-place (optimizer) updates keep it; replacing a tensor or the
+        adapter changes it."""
+        return (self.steering_scale, *self.adapter.key())
+
+    # ---- adapter files: safetensors + metadata; full fine-tuning: a Hugging Face folder ----
 
     def fingerprint(self) -> str:
-        """A short hash of the base weights (final norm and the first embedding rows), so a steering
+        """A short hash of the base weights (final norm and the first embedding rows), so an adapter
         file knows its base model whatever path or dtype it was loaded with (rounded to bf16 to be
         dtype-independent). The norm alone is not enough: freshly initialised norms are all ones."""
         h = hashlib.sha256()
@@ -261,40 +562,92 @@ class Transformer(nn.Module):
             h.update(w.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def save_steering(self, path, **metadata):
-        from safetensors.torch import save_file
-        cfg = self.config
-        meta = {"format": "steer", "base_model": cfg.name, "base_fingerprint": self.fingerprint(),
+    def save_adapter(self, path, **metadata):
+        """Steering / LoRA: a safetensors file of the adapter's tensors (fp32); full fine-tuning: a
+        checkpoint folder (config.json + model.safetensors, HF names) that transformers and
+        from_pretrained load, + ADAPTER_JSON. Metadata: kind, options, base model, `metadata`."""
+        cfg, adapter = self.config, self.adapter
+        meta = {"format": "steer", "kind": adapter.kind, "base_model": cfg.name,
+                "base_fingerprint": adapter.base_fingerprint or self.fingerprint(),
                 "num_layers": str(cfg.num_layers), "hidden_size": str(cfg.hidden_size)}
+        meta.update({k: ",".join(map(str, v)) if k == "layers" else str(v) for k, v in adapter.options().items()})
         meta.update({k: str(v) for k, v in metadata.items()})
+        if adapter.kind == "full":
+            return save_checkpoint_folder(self, Path(path), meta)
+        from safetensors.torch import save_file
+        tensors = {name: t.detach().float().cpu().contiguous() for name, t in adapter.named_parameters()}
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"steering": self.steering.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written steering file
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written adapter file
+
+    def load_adapter(self, path, check_base=True) -> dict:
+        """Set the adapter a file (or full fine-tuning folder) describes, with its options, and load
+        its tensors; returns its metadata. When the current adapter already has that kind and those
+        options, its tensors are overwritten in place (the optimizer and the sampler's graphs keep
+        them). A refused file leaves the model as it was."""
+        path = Path(path)
+        meta = adapter_metadata(path)
+        where, kind = f"adapter {'folder' if path.is_dir() else 'file'} {path}", meta["kind"]
+        if kind not in ADAPTERS or (kind == "full") != path.is_dir():
+            raise ValueError(f"{where}: adapter kind '{kind}' is unknown or does not match the path (one of "
+                             f"{', '.join(ADAPTERS)}; full fine-tuning is a folder, the others a file)")
+        theirs, ours = meta.get("base_fingerprint"), self.adapter.base_fingerprint or self.fingerprint()
+        if check_base and theirs and theirs != ours:
+            raise ValueError(f"{where} was made for base model '{meta.get('base_model')}', whose weights differ "
+                             f"from '{self.config.name}' (fingerprint {theirs} != {ours}); pass check_base=False "
+                             "to load it anyway")
+        try:
+            rank, alpha = (int(meta["rank"]), float(meta["alpha"])) if kind == "lora" else (None, None)
+            layers = parse_layers(meta.get("layers", ""), self.config.num_layers, "'layers'")
+            options = self._adapter_options(kind, layers, meta.get("steer_at", "post-block"), rank, alpha)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{where}: bad metadata ({e})") from None
+        if kind == "full":
+            load_weights(self, path, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)  # in place
+            if self.adapter.kind != "full":
+                self.set_adapter("full")
+            self.adapter.base_fingerprint = theirs or ours
+            with torch.no_grad():  # the masters (when training made them) from the loaded weights
+                for w, m in zip(self.adapter.weights, self.adapter.masters or ()):
+                    m.copy_(w)
+            return meta
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{where}: unreadable or corrupt ({e})") from None
+        same = self.adapter.kind == kind and self.adapter.options() == options
+        target = self.adapter if same else self._new_adapter(kind, options)
+        want = dict(target.named_parameters())
+        if sorted(tensors) != sorted(want):
+            raise ValueError(f"{where}: expected tensor(s) {sorted(want)} for a {kind} adapter, "
+                             f"found {sorted(tensors)}")
+        for name, t in tensors.items():
+            if t.shape != want[name].shape:
+                raise ValueError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(want[name].shape)} for {self.config.name or 'this model'}")
+        with torch.no_grad():
+            for name, t in tensors.items():
+                want[name].copy_(t)
+        if not same:
+            self.adapter.close()
+            self.adapter, self.grad_buffer = target, None
+        return meta
+
+    def save_steering(self, path, **metadata):
+        """save_adapter for the steering adapter (DESIGN contract)."""
+        if self.adapter.kind != "steering":
+            raise ValueError(f"save_steering: the adapter is '{self.adapter.kind}', not steering (use save_adapter)")
+        self.save_adapter(path, **metadata)
 
     def load_steering(self, path, check_base=True) -> dict:
-        """Load a steering file into `self.steering`; returns its metadata."""
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta, names = f.metadata() or {}, list(f.keys())
-                if names != ["steering"]:
-                    raise ValueError(f"steering file {path}: expected one tensor 'steering', found {names}")
-                vec = f.get_tensor("steering")
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"steering file {path}: unreadable or corrupt ({e})") from None
-        want = (self.config.num_layers, self.config.hidden_size)
-        if tuple(vec.shape) != want:
-            raise ValueError(f"steering file {path}: tensor 'steering' has shape {tuple(vec.shape)}, "
-                             f"expected {want} (L, d) for {self.config.name or 'this model'}")
-        theirs = meta.get("base_fingerprint")
-        if check_base and theirs and theirs != self.fingerprint():
-            raise ValueError(f"steering file {path} was made for base model '{meta.get('base_model')}', whose "
-                             f"weights differ from '{self.config.name}' (fingerprint {theirs} != "
-                             f"{self.fingerprint()}); pass check_base=False to load it anyway")
-        with torch.no_grad():
-            self.steering.copy_(vec)
-        return meta
+        """load_adapter, refusing files of other adapter kinds (DESIGN contract)."""
+        kind = adapter_metadata(path)["kind"]
+        if kind != "steering":
+            raise ValueError(f"{path}: a '{kind}' adapter file, not a steering file")
+        return self.load_adapter(path, check_base)
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id, dtype=None, device=None) -> "Transformer":
@@ -306,12 +659,12 @@ class Transformer(nn.Module):
         with torch.device("meta"):  # no memory until each tensor arrives
             model = cls(cfg)
         load_weights(model, folder, dtype, device)
-        model.steering = nn.Parameter(torch.zeros(cfg.num_layers, cfg.hidden_size, device=device))
         model.inv_freq = rope_inv_freq(cfg).to(device)
+        model.set_adapter("steering")
         return model.eval()
 
 # -----------------------------------------------------------------------------
-# Loading straight from safetensors
+# Loading straight from safetensors; saving a full fine-tune as a checkpoint folder
 
 
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -377,11 +730,13 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def load_weights(model: Transformer, folder: Path, dtype, device):
-    """Read tensors one at a time, cast on the way to the target device, and install them.
-    Host memory peaks near one tensor, never a full fp32 copy of the model."""
+    """Check every tensor header (names, shapes, dtypes, nothing missing) first, then read tensors
+    one at a time, cast on the way to the target device, and install them: as new parameters in a
+    model built on the meta device, else copied in place (a full fine-tune loaded as an adapter:
+    the sampler's graphs keep reading the same storage). Host memory peaks near one tensor."""
     from safetensors import SafetensorError, safe_open
-    expected = {name: p for name, p in model.named_parameters() if name != "steering"}
-    loaded = set()
+    expected = model.base_weights()
+    plan = {}  # file -> [(key, name)]
     for file in checkpoint_files(folder):
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -399,15 +754,82 @@ def load_weights(model: Transformer, folder: Path, dtype, device):
                     want, got = tuple(expected[name].shape), tuple(tslice.get_shape())
                     if want != got:
                         raise ValueError(f"{file.name}: tensor '{key}' has shape {got}, expected {want}")
-                    tensor = f.get_tensor(key).to(device=device, dtype=dtype)
-                    module_name, _, leaf = name.rpartition(".")
-                    setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
-                    loaded.add(name)
+                    plan.setdefault(file, []).append((key, name))
         except SafetensorError as e:
             raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
-    missing = sorted(set(expected) - loaded)
+    missing = sorted(set(expected) - {name for keys in plan.values() for _, name in keys})
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks {len(missing)} tensor(s): {missing[:20]}")
+    for file, keys in plan.items():
+        try:
+            with safe_open(str(file), framework="pt") as f, torch.no_grad():
+                for key, name in keys:
+                    tensor, param = f.get_tensor(key), expected[name]
+                    if param.is_meta:
+                        module_name, _, leaf = name.rpartition(".")
+                        tensor = tensor.to(device=device, dtype=dtype)
+                        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
+                    else:
+                        param.copy_(tensor)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+
+
+ADAPTER_JSON = "steer_adapter.json"  # in a full fine-tuning folder: kind, base model, caller metadata
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+
+def adapter_metadata(path) -> dict:
+    """An adapter's metadata without a model (str -> str): a safetensors file's header, or a full
+    fine-tuning folder's ADAPTER_JSON. Steering files from before adapters had no 'kind'."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / ADAPTER_JSON
+        if not file.is_file():
+            raise ValueError(f"adapter folder {path}: no {ADAPTER_JSON} (not a folder written by save_adapter)")
+        try:
+            meta = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"adapter folder {path}: {ADAPTER_JSON} is not valid JSON ({e})") from None
+    else:
+        if not path.exists():
+            raise FileNotFoundError(f"adapter file {path}: not found")
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"adapter file {path}: unreadable or corrupt ({e})") from None
+    return {"kind": "steering", **meta}
+
+
+def save_checkpoint_folder(model: Transformer, folder: Path, meta: dict):
+    """A full fine-tune as a Hugging Face checkpoint: config.json (the base's, dtype updated),
+    model.safetensors in the model dtype with HF names, the base's tokenizer files when it is a
+    local folder, and ADAPTER_JSON last (a folder without it is incomplete)."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    if not cfg.raw:
+        raise ValueError("save_adapter: this model's Config was not read from a config.json; nothing to save as one")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ADAPTER_JSON).unlink(missing_ok=True)  # rewriting a folder: incomplete until the new one lands
+    tensors = {(n if n == "lm_head.weight" else "model." + n): w.detach().cpu().contiguous()
+               for n, w in model.base_weights().items()}
+    config = {k: v for k, v in cfg.raw.items() if k != "torch_dtype"}
+    config["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+
+    def write(name, fn):  # each file atomically
+        tmp = folder / (name + ".tmp")
+        fn(tmp)
+        os.replace(tmp, folder / name)
+
+    write("model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write("config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    source = Path(cfg.name)
+    for name in TOKENIZER_FILES if source.is_dir() and source.resolve() != folder.resolve() else []:
+        if (source / name).is_file():
+            write(name, lambda p: shutil.copyfile(source / name, p))
+    write(ADAPTER_JSON, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
 # -----------------------------------------------------------------------------
 # Log-probs of given tokens, chunked over rows so [N, V] fp32 logits never exist at once
@@ -480,16 +902,3 @@ def kv_bytes_per_token(cfg: Config, dtype: torch.dtype) -> int:
     """KV-cache bytes one token takes: a key and a value per layer and KV head."""
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
-
-def activation_bytes_per_token(cfg: Config, dtype: torch.dtype, recompute: bool) -> int:
-    """Bytes autograd keeps per token for a backward into the adapter (base weights frozen).
-
-    A frozen linear saves no input (its input gradient needs only the weight), so what stays per
-    block is: SDPA's q, k, v and output (2 H D + 2 KVH D), the MLP's gate, silu(gate) and up
-    (3 ffn), in the model dtype, and each RMSNorm's fp32 input (2 x 4 d bytes). With recompute
-    only each block's input (d) stays, and one block's activations exist while it is redone."""
-    per_block = (2 * cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim
-                 + 3 * cfg.intermediate_size) * dtype.itemsize + 2 * 4 * cfg.hidden_size
-    if recompute:
-        return cfg.num_layers * cfg.hidden_size * dtype.itemsize + per_block
-    return cfg.num_layers * per_block

@@ -6,26 +6,34 @@ boxed answer is mathematically equal to the gold answer, else `wrong` (0.0, or -
 Completions are untrusted model output and arrive by the thousand per step, so the work is
 split in two:
 
-1. In the calling process, cheaply: extract the last box (linear time), then decide what a
-   string can decide - no box, normalised strings equal, two plain numbers (12, 0.5, \\frac34),
-   or an answer too long / too deeply nested to be a real one (math-verify's parser is
-   exponential in bracket depth). Most correct answers end here without any IPC.
-2. Everything else goes to math-verify (LaTeX -> sympy, then `verify(gold, pred)`, gold
-   first: it is not symmetric) in worker processes. math-verify's own time limit is
-   `signal.alarm`, which cannot interrupt C-level sympy work, only works in a main thread and
-   raises a BaseException, so it is switched off; the hard limit is that the parent kills a
-   worker whose current item runs past `timeout` seconds, scores the item wrong and hands
-   the rest of that worker's chunk to a fresh worker.
+1. In the calling process, cheaply: extract the last box (linear time), then decide only what
+   math-verify would surely decide the same way - no box, identical text, two plain numbers
+   (12, 0.5, 1,234, \\frac34), or an answer too long / too deeply nested to be a real one
+   (math-verify's parser is exponential in bracket depth). The text is never rewritten: to
+   math-verify `1 2`, `2\\,3` and `1, 234` are 3, 5 and the set {1, 234}, not 12, 23, 1234.
+   Most correct answers end here without any IPC.
+2. Everything else goes to math-verify in worker processes, called as the paper grades:
+   `verify(parse("\\boxed{gold}"), parse("\\boxed{last box}"))`, gold first (it is not
+   symmetric), default options. math-verify's own time limit is `signal.alarm`, which cannot
+   interrupt C-level sympy work, only works in a main thread and raises a BaseException, so it
+   is switched off; the hard limit is that the parent kills a worker whose current item runs
+   past `timeout` seconds, scores that item wrong and hands the rest of that worker's chunk to
+   a fresh worker. A worker that dies otherwise (killed from outside, OOM killer) is replaced
+   and everything it had not answered is scored again by the fresh one; a worker is also
+   recycled after `recycle_after` items, so that sympy's caches stay bounded over long runs.
 
 `RewardPool` keeps the workers alive across calls: a caller that scores batch after batch
 (train.py, eval.py) creates one and reuses it. The module-level `score_batch` / `score` are for
 one-off use: each call runs its own pool and stops its workers before returning.
 
 Security: model text is never evaluated as Python. Only math-verify's LaTeX extraction is
-used; its plain-expression extraction (`ExprExtractionConfig`) goes through sympy's
-`parse_expr`, which calls `eval`, so it is deliberately left out.
+used; its plain-expression extraction (`ExprExtractionConfig`, the other half of parse()'s
+default) goes through sympy's `parse_expr`, which calls `eval`, so it is deliberately left out.
+That is the one way this grader departs from the paper's: an answer only the plain-expression
+parser reads (tests/test_reward.py lists the cases measured) is compared as math-verify's text.
 """
 import ctypes
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -48,6 +56,8 @@ DEFAULT_TIMEOUT = 5.0  # s per item; legitimate answers verify in < 0.1 s, math-
 MAX_ANSWER_CHARS = 1000  # longest gold in ../shared/data is 210 characters
 MAX_ANSWER_DEPTH = 10  # deepest gold nests brackets 4 levels; parsing depth 10 already takes ~0.5 s
 CACHE_SIZE = 1 << 16  # (prediction, gold) verdicts remembered by a pool
+RECYCLE_AFTER = 2000  # items a worker verifies before it is replaced: sympy's and math-verify's caches grow
+MAX_DEATHS = 2  # deaths of workers on one item before it scores wrong (then it is what kills them)
 
 # -----------------------------------------------------------------------------
 # extracting the final answer
@@ -85,36 +95,27 @@ def extract_boxed(text: str) -> str | None:
 # -----------------------------------------------------------------------------
 # the cheap decisions, made in the calling process
 
-_TEXT_WRAP = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}")
-_SIZING = re.compile(r"\\(?:left|right)(?![a-zA-Z])|\\[!,;: ]|\$|\s")
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+")
 _INTEGER = re.compile(r"-?\d{1,50}")
 _NUMBER = re.compile(r"""(-?)(?:
-    (\d{0,50}\.\d{1,50})                             # 0.5, .5
-  | (\d{1,50})(?:/(\d{1,50}))?                       # 12, 3/4
-  | \\frac(?:\{(\d{1,50})\}\{(\d{1,50})\}|(\d)(\d))  # \frac{3}{4}, \frac34
+    ([1-9]\d{0,2}(?:,\d{3}){1,16})                       # 1,234,567 (0,111 is a decimal to math-verify)
+  | (\d{0,50}\.\d{1,50})                                # 0.5, .5
+  | (\d{1,50})(?:/(\d{1,50}))?                          # 12, 3/4
+  | \\[dt]?frac(?:\{(\d{1,50})\}\{(\d{1,50})\}|(\d)(\d))  # \frac{3}{4}, \dfrac34
 )""", re.VERBOSE)
 
 
-def normalize(s: str) -> str:
-    """A canonical string for the cheap equality test. Every rewrite keeps the meaning, so
-    equal normalised strings are equal answers (the converse is math-verify's job)."""
-    s = _TEXT_WRAP.sub(r"\1", s)
-    s = _SIZING.sub("", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    return s
-
-
 def _number(s: str) -> Fraction | None:
-    """The exact value of a normalised plain number: 12, -0.5, .5, 3/4, \\frac{3}{4}, \\frac34."""
+    """The exact value of a plain number, written the way math-verify reads it as that number:
+    12, -0.5, .5, 1,234, 3/4, \\frac{3}{4}, \\dfrac34. None for anything else, spaces included."""
     m = _NUMBER.fullmatch(s)
     if m is None:
         return None
-    sign, decimal, num, den, fnum, fden, dnum, dden = m.groups()
+    sign, grouped, decimal, num, den, fnum, fden, dnum, dden = m.groups()
     try:
-        value = Fraction(decimal) if decimal else Fraction(int(num or fnum or dnum), int(den or fden or dden or 1))
+        if grouped or decimal:
+            value = Fraction((grouped or "").replace(",", "") or decimal)
+        else:
+            value = Fraction(int(num or fnum or dnum), int(den or fden or dden or 1))
     except ZeroDivisionError:
         return None
     return -value if sign else value
@@ -133,10 +134,12 @@ def _depth(s: str) -> int:
 
 def decide_cheap(pred: str | None, answer: str) -> tuple[bool | None, str]:
     """(verdict, reason) for what a string comparison settles; verdict None means "ask
-    math-verify". `pred` is the extracted box."""
+    math-verify". `pred` is the extracted box. Only identical text (math-verify compares its own
+    text fallbacks, so it says equal too) and values of plain numbers are decided; anything
+    else, however close to a number (`1 2`, `1,23`, `2\\,3`, `5~000`, `12.`), goes to math-verify."""
     if pred is None:
         return False, "no_box"
-    p, g = normalize(pred), normalize(answer)
+    p, g = pred.strip(), answer.strip()
     if not p or not g:
         return False, "empty"
     if p == g:
@@ -156,11 +159,12 @@ def decide_cheap(pred: str | None, answer: str) -> tuple[bool | None, str]:
 # -----------------------------------------------------------------------------
 # the math-verify side, run inside worker processes
 
-_LATEX_ONLY = [LatexExtractionConfig(boxed_match_priority=0)]  # no ExprExtractionConfig: it eval()s
+# parse()'s default LaTeX extraction, as the paper calls it; no ExprExtractionConfig: it eval()s
+_LATEX_ONLY = [LatexExtractionConfig()]
 
 
 def _parse_box(s: str) -> list:
-    s = s.strip().rstrip(".")  # MATH golds like "30^\\circ." and "43_5." do not parse with the period
+    """math-verify's parse of `\\boxed{s}`, the paper's way (text as it is, no rewriting)."""
     if _INTEGER.fullmatch(s):  # the commonest answer; what math-verify returns, without its ~15 ms LaTeX parse
         return [Integer(int(s)), s]
     # parsing_timeout=None: no signal.alarm; the parent's kill is the time limit
@@ -168,17 +172,31 @@ def _parse_box(s: str) -> list:
 
 
 def judge(pred: str, answer: str, golds: dict) -> tuple[bool, bool]:
-    """(pred equals answer, gold parsed) by math-verify. `golds` caches parsed golds per answer.
-    A gold math-verify cannot turn into sympy falls back to the normalised string comparison.
+    """(math-verify says pred equals answer, gold parsed into sympy). `golds` caches parsed golds
+    per answer. A gold that parses into no sympy object is still judged by `verify` (which then
+    compares math-verify's text fallbacks, as the paper's grading does); the pool reports it.
     Module-level so tests can monkeypatch it (forked workers see the patched version)."""
     if answer not in golds:
         if len(golds) > 4096:
             golds.clear()
         golds[answer] = _parse_box(answer)
     gold = golds[answer]
-    if not any(isinstance(g, (Basic, MatrixBase)) for g in gold):
-        return normalize(pred) == normalize(answer), False
-    return bool(verify(gold, _parse_box(pred), timeout_seconds=None)), True
+    ok = bool(verify(gold, _parse_box(pred), timeout_seconds=None))
+    return ok, any(isinstance(g, (Basic, MatrixBase)) for g in gold)
+
+
+@functools.cache
+def _warm_parser():
+    """Parse once in the parent: math-verify's first LaTeX parse builds ANTLR's parser (~0.3 s, seconds
+    on a busy machine), and every forked worker - replacements and recycled ones included - inherits
+    it built instead of spending its first item's time limit on it."""
+    quiet = logging.getLogger("math_verify")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "timeout disabled" warning is for workers, where the parent kills
+    try:
+        _parse_box("\\frac{1}{2}")
+    finally:
+        quiet.setLevel(level)
 
 
 def _die_with_parent():
@@ -217,6 +235,7 @@ class _Worker:
     conn: object  # multiprocessing Connection, parent's end
     chunk: deque = field(default_factory=deque)  # (pred, answer) keys sent, not yet answered
     started: float = 0.0  # when chunk[0] began, as seen by us: never before it really did, so no early kill
+    answered: int = 0  # items it has verified: at `recycle_after` it is replaced
 
 
 def default_workers() -> int:
@@ -239,17 +258,34 @@ class RewardPool:
     also get ~2x faster over their first few hundred items as math-verify's ANTLR parser
     caches its decisions. Not thread-safe: one caller at a time.
 
-    A prediction that once ran past the limit scores `wrong` against any answer from then on
-    (remembered per pool), so a repeated pathological answer hangs a worker only once.
+    Workers come and go under the caller's feet, each item still scored exactly once:
+    - a worker whose item runs past `timeout` is killed; that item scores wrong (a prediction
+      that once ran past the limit scores wrong against any answer from then on, remembered per
+      pool, so a repeated pathological answer hangs a worker only once);
+    - a worker that dies by itself or is killed by someone else (SIGKILL, the OOM killer) is
+      replaced, and the fresh worker scores again everything the dead one had not answered.
+      Only an item that was current at MAX_DEATHS deaths scores wrong (it is what kills them);
+    - after `recycle_after` verified items a worker is replaced between two chunks, so a long
+      run's workers stay at their start-up memory.
+
+    `stats` (a Counter, for train.py's metrics): one count per item and reason (no_box, empty,
+    string_match, numbers, implausible, cached, needs_verify), `verified` (items workers
+    answered), `timeouts`, `crashes` (items scored wrong after MAX_DEATHS deaths), `replaced`
+    (workers that died unasked), `rescored` (items handed again to a fresh worker after a
+    death), `recycled` (workers retired after `recycle_after` items), `timed_out_before`,
+    `gold_unparsed`.
     """
 
     def __init__(self, workers: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 start_method: str | None = None, max_chunk: int = 32):
+                 start_method: str | None = None, max_chunk: int = 32, recycle_after: int = RECYCLE_AFTER):
+        if recycle_after < 1:
+            raise ValueError(f"RewardPool: recycle_after must be >= 1, got {recycle_after}")
         self.workers = workers or default_workers()
         self.timeout = timeout
         self.max_chunk = max_chunk
+        self.recycle_after = recycle_after
         self.ctx = mp.get_context(start_method or ("fork" if sys.platform.startswith("linux") else "spawn"))
-        self.stats = Counter()  # reasons, cache hits, timeouts, crashes, gold_unparsed: for train.py's logs
+        self.stats = Counter()
         self._verdicts = OrderedDict()  # (pred, answer) -> bool, LRU
         self._timed_out = OrderedDict()  # preds that once ran past the limit -> score wrong from then on
         self._bad_golds = set()
@@ -260,6 +296,8 @@ class RewardPool:
         """Start the workers now (otherwise the first batch that needs math-verify does)."""
         if os.getpid() != self._owner:
             raise RuntimeError("RewardPool: used from a forked child; create a pool in this process")
+        if self.ctx.get_start_method() == "fork":
+            _warm_parser()
         while len(self._pool) < self.workers:
             self._pool.append(self._spawn())
         return self
@@ -283,6 +321,15 @@ class RewardPool:
             w.proc.kill()
         w.proc.join()
         w.conn.close()
+
+    def _stop(self, w: _Worker, wait: float):
+        """Ask an idle worker to exit (EOF ends its loop), give it `wait` seconds, then kill it."""
+        try:
+            w.conn.send(None)
+        except OSError:  # already dead
+            pass
+        w.proc.join(wait)
+        self._kill(w)
 
     def close(self):
         """Stop every worker (idle ones are asked, busy ones killed) and wait for them. The pool
@@ -352,35 +399,63 @@ class RewardPool:
                 chunks.append([])
             chunks[-1].append(key)
         found = {}
+        deaths = Counter()  # key -> workers that died while it was their current item
 
-        def respawn(w: _Worker) -> _Worker:
+        def replace(w: _Worker) -> _Worker:
+            """A fresh worker in w's place; what w had not answered goes first, to the fresh one."""
             self._kill(w)
             if w.chunk:
-                chunks.appendleft(list(w.chunk))  # what it had left goes first, to the fresh worker
+                chunks.appendleft(list(w.chunk))
+                w.chunk = deque()  # handed on: nothing here may be scored from the dead worker
             fresh = self._spawn()
             self._pool[self._pool.index(w)] = fresh
             return fresh
 
         def feed(w: _Worker):
             while chunks and not w.chunk:
+                if w.answered >= self.recycle_after:  # between chunks: nothing of its work is lost
+                    self._stop(w, wait=1.0)
+                    w = replace(w)
+                    self.stats["recycled"] += 1
                 chunk = [k for k in chunks.popleft() if not self._known_to_hang(found, k)]
                 if chunk:
                     w.chunk, w.started = deque(chunk), time.monotonic()
                     try:
                         w.conn.send(chunk)
-                    except OSError:  # it died while idle (OOM killer?): nothing of this chunk is to blame
-                        w = respawn(w)
+                    except OSError:  # it died while idle (killed, OOM killer): nothing of this chunk is to blame
+                        died(w)
+                        w = replace(w)
 
-        def fail(w: _Worker, reason: str):
+        def died(w: _Worker):
+            """Count (and reap: then exitcode says how it died) a worker that died unasked."""
+            self._kill(w)
+            self.stats["replaced"] += 1
+            self.stats["rescored"] += len(w.chunk)
+            log.warning("reward: worker %d died (exit code %s, killed from outside?) with %d items unanswered; "
+                        "a fresh worker scores them again", w.proc.pid, w.proc.exitcode, len(w.chunk))
+
+        def lost(w: _Worker):
+            """w died under us mid-chunk: its current item is blamed only at its MAX_DEATHS-th death."""
+            key = w.chunk[0]
+            deaths[key] += 1
+            if deaths[key] >= MAX_DEATHS:
+                w.chunk.popleft()
+                self._record(found, key, False)
+                self.stats["crashes"] += 1
+                log.warning("reward: %d workers died on answer %r, prediction %.200r: scored wrong",
+                            deaths[key], key[1], key[0])
+            died(w)
+            feed(replace(w))
+
+        def timed_out(w: _Worker):
             key = w.chunk.popleft()  # the item it was on scores wrong
             self._record(found, key, False)
-            self.stats[reason] += 1
-            if reason == "timeouts":
-                self._timed_out[key[0]] = True
-                if len(self._timed_out) > CACHE_SIZE:
-                    self._timed_out.popitem(last=False)
-            log.warning("reward: %s on answer %r, prediction %.200r", reason[:-1], key[1], key[0])
-            feed(respawn(w))
+            self.stats["timeouts"] += 1
+            self._timed_out[key[0]] = True
+            if len(self._timed_out) > CACHE_SIZE:
+                self._timed_out.popitem(last=False)
+            log.warning("reward: timeout on answer %r, prediction %.200r", key[1], key[0])
+            feed(replace(w))
 
         for w in self._pool:
             feed(w)
@@ -395,15 +470,16 @@ class RewardPool:
                             ok, gold_parsed = w.conn.recv()
                             key = w.chunk.popleft()
                             w.started = time.monotonic()  # the next item began at the latest now
+                            w.answered += 1
                             self._record(found, key, ok)
                             self.stats["verified"] += 1
                             if not gold_parsed:
                                 self._gold_unparsed(key[1])
-                    except (EOFError, OSError):  # died under us (segfault, OOM killer)
-                        fail(w, "crashes")
+                    except (EOFError, OSError):  # died under us (killed from outside, OOM killer, segfault)
+                        lost(w)
                         continue
                 if w.chunk and time.monotonic() - w.started > timeout:
-                    fail(w, "timeouts")
+                    timed_out(w)
             for w in self._pool:
                 feed(w)
         return found
@@ -425,7 +501,7 @@ class RewardPool:
         self.stats["gold_unparsed"] += 1
         if answer not in self._bad_golds:
             self._bad_golds.add(answer)
-            log.warning("reward: math-verify cannot parse gold answer %r; comparing normalised strings", answer)
+            log.warning("reward: math-verify parses gold answer %r into no expression; it compares text", answer)
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Rollout engine: many sampled completions per prompt from model.py's own (steered) forward.
 
     Sampler(model).generate(prompts, n=16, max_new_tokens=4096, temperature=1.0, seed=0)
+    python sample.py --model M [--steering FILE] "question"   # the generation CLI (bottom of the file)
 
 - Paged KV cache: one preallocated pool [L, 2, num_blocks, block_size, KVH, D]; each sequence
   owns a block table (list of block ids). Blocks are reference-counted (BlockManager).
@@ -26,10 +27,14 @@ log_softmax(logits[:vocab_size] / temperature) at the sampled token in fp32, ove
 distribution (not the top-p-truncated one) -- the same formula as model.chunked_logprobs, which
 the trainer scores with. For temperature 0 (greedy) they are the untempered log-softmax.
 """
+import argparse
+import json
 import random
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -452,9 +457,10 @@ class _DecodeGraphs:
     """CUDA graphs of decode_logits for padded batch sizes 1, 2, 4, ..., 512, captured lazily.
     Inputs live in static buffers; padding rows have slot -1 (the store kernel skips them) and
     length 0 (attention writes zeros). The block table has a fixed width (max_seq_len / block_size)
-    so launch grids never change. steering_scale is a Python float baked into a capture, so graphs
-    are re-captured when it changes; the steering tensor itself is read at replay (in-place
-    optimizer updates are seen)."""
+    so launch grids never change. A capture bakes in the adapter (its kind, options, Python floats
+    such as steering_scale, and the addresses of the tensors it reads): model.adapter_key() names
+    all of it, and the graphs are re-captured when it changes. The tensors' values are read at
+    replay, so in-place optimizer updates (every adapter, full fine-tuning included) are seen."""
 
     def __init__(self, sampler: Sampler):
         self.s = sampler
@@ -490,8 +496,8 @@ class _DecodeGraphs:
 
     def run(self, tok, pos, slot, table, seq_lens):
         model = self.s.model
-        key = (model.steering_scale, model.steering.data_ptr())
-        if key != self.key:  # captured graphs hold the old scale / steering address
+        key = model.adapter_key()
+        if key != self.key:  # captured graphs hold an old adapter, scale or tensor address
             self.graphs, self.outputs, self.key = {}, {}, key
         b = tok.shape[0]
         batch = next(x for x in GRAPH_BATCH_SIZES if x >= b)
@@ -502,3 +508,218 @@ class _DecodeGraphs:
             self._capture(batch)
         self.graphs[batch].replay()
         return self.outputs[batch][:b]
+
+# -----------------------------------------------------------------------------
+# Command line: try a (steered) model, as nanoGPT's sample.py. Only this part reads the
+# tokenizer, the grader and the hub (imported in main), so the engine depends on model.py alone.
+
+CLI_DOC = """Generate from a model, with or without a steering vector:
+
+    python sample.py --model M [--steering FILE | none,FILE] "question" ["question" ...]
+    python sample.py --model M --steering org/name --file problems.jsonl   # JSONL: "problem" [, "answer"]
+    echo "What is 482 + 917?" | python sample.py --model M --steering runs/x
+
+Each question is wrapped in the model's chat template with the paper's system prompt (the
+prompt training used), unless --raw. --steering takes comma-separated setups, each a file, a
+run directory, a hub repo org/name[:file] (hub.resolve), or 'none' (the base model); each
+question's completions are printed one setup after the other. With answers (--answer, one per
+question, or a JSONL "answer" field) every completion is graded like training's reward and the
+accuracy is printed per setup. Base and steered setups draw the same random numbers."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a user error is one line, no usage dump
+        raise SystemExit(f"{self.prog}: {message} (see --help)")
+
+
+def parse_cli(argv=None) -> argparse.Namespace:
+    p = _Parser(prog="sample.py", description=CLI_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("questions", nargs="*", help="questions (default: --file, else stdin)")
+    p.add_argument("--model", required=True, help="checkpoint folder or hub id of the base model")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
+    p.add_argument("--steering", default="none", help="comma-separated setups: file, run dir, org/name[:file], none")
+    p.add_argument("--steering-scale", type=float, default=1.0, help="alpha in h + alpha * steering[l]")
+    p.add_argument("--file", help="questions, one per line, or JSONL with a 'problem' (and 'answer') field")
+    p.add_argument("--answer", action="append", help="reference answer, once per question, in order")
+    p.add_argument("--raw", action="store_true", help="encode each question as is (no chat template)")
+    p.add_argument("--n", type=int, default=1, help="completions per question and setup")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="completion length cap (tokens)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = model.auto_dtype (bfloat16 on CUDA and on CPUs with native bf16 matmuls)")
+    p.add_argument("--device", help="default cuda when available, else cpu")
+    p.add_argument("--kv-cache-tokens", type=int, help="KV cache size in tokens (default: the sampler's)")
+    p.add_argument("--batch", type=int, default=16, help="questions per generate call (progress moves per call)")
+    args = p.parse_args(argv)
+    for name, low in (("n", 1), ("max_new_tokens", 1), ("batch", 1), ("kv_cache_tokens", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error(f"need --temperature >= 0 and 0 < --top-p <= 1 (got {args.temperature}, {args.top_p})")
+    return args
+
+
+def read_questions(text: str, source: str) -> list[tuple[str, str | None]]:
+    """(question, answer or None) per line of `text`: plain lines, or JSONL objects with a
+    'problem' and optionally an 'answer' field (JSONL when the first line starts with '{')."""
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines or not lines[0][1].lstrip().startswith("{"):
+        return [(line.strip(), None) for _, line in lines]
+    rows = []
+    for i, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} line {i}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("problem"), str):
+            raise ValueError(f"{source} line {i}: a JSONL question needs a string 'problem' field")
+        rows.append((row["problem"], None if row.get("answer") is None else str(row["answer"])))
+    return rows
+
+
+def gather_questions(args) -> tuple[list[str], list[str | None]]:
+    items = [(q, None) for q in args.questions]
+    if args.file:
+        if not Path(args.file).is_file():
+            raise FileNotFoundError(f"--file {args.file}: no such file")
+        items += read_questions(Path(args.file).read_text(encoding="utf-8"), args.file)
+    elif not items and not sys.stdin.isatty():
+        items = read_questions(sys.stdin.read(), "stdin")
+    if not items:
+        raise ValueError("no question given: pass questions as arguments, --file FILE, or pipe them on stdin")
+    questions, answers = [q for q, _ in items], [a for _, a in items]
+    if args.answer is not None:
+        if len(args.answer) != len(questions):
+            raise ValueError(f"--answer given {len(args.answer)} times for {len(questions)} questions")
+        answers = list(args.answer)
+    return questions, answers
+
+
+def steering_setups(model, specs: str, scale: float = 1.0) -> list[tuple[str, torch.Tensor]]:
+    """(label, steering tensor (L, d)) per comma-separated setup, repeats dropped; 'none' is the
+    zero vector."""
+    import hub
+    setups = []
+    for spec in dict.fromkeys(s.strip() for s in specs.split(",") if s.strip()) or ["none"]:
+        if spec.lower() == "none":
+            setups.append(("base", torch.zeros_like(model.steering)))
+        else:
+            model.load_steering(hub.resolve(spec))
+            alpha = "" if scale == 1 else f" (alpha {scale:g})"
+            setups.append((f"steered {spec}{alpha}", model.steering.detach().clone()))
+    return setups
+
+
+def encode_questions(tokenizer, args, questions) -> list[list[int]]:
+    """Token ids of each question: in the chat template with the paper's system prompt, or as is (--raw)."""
+    return [tokenizer.encode(q) if args.raw else tokenizer.encode_prompt(q) for q in questions]
+
+
+def generate_all(model, sampler, tokenizer, args, questions, answers, setups, emit=print, progress=None) -> list[dict]:
+    """Every completion of every setup, batch by batch, printed as each batch ends; one record each."""
+    import reward
+    prompts = encode_questions(tokenizer, args, questions)
+    records, started, generated = [], time.perf_counter(), 0
+    for start in range(0, len(prompts), args.batch):
+        batch = prompts[start:start + args.batch]
+        outputs = []  # per setup: one list of n completions per question
+        for label, vector in setups:
+            with torch.no_grad():
+                model.steering.copy_(vector)
+            outputs.append(sampler.generate(batch, n=args.n, max_new_tokens=args.max_new_tokens,
+                                            temperature=args.temperature, top_p=args.top_p,
+                                            stop_token_ids=tokenizer.stop_token_ids, seed=args.seed,
+                                            prompt_offset=start))
+            generated += sum(len(c.tokens) for group in outputs[-1] for c in group)
+            if progress is not None:
+                progress.set_postfix_str(f"{generated / (time.perf_counter() - started):.0f} tok/s", refresh=False)
+                progress.update(len(batch))
+        batch_records = [dict(question=start + i, setup=label, sample=j, tokens=c.tokens, finish_reason=c.finish_reason,
+                              text=tokenizer.decode(c.tokens, skip_special_tokens=True), answer=answers[start + i])
+                         for i in range(len(batch)) for (label, _), out in zip(setups, outputs)
+                         for j, c in enumerate(out[i])]
+        graded = [r for r in batch_records if r["answer"] is not None]
+        if graded:
+            texts, golds = [r["text"] for r in graded], [r["answer"] for r in graded]
+            for r, score in zip(graded, reward.score_batch(texts, golds)):
+                r["reward"] = score
+        for r in batch_records:
+            if r["setup"] == setups[0][0] and r["sample"] == 0:
+                emit(f"=== [{r['question'] + 1}/{len(questions)}] {questions[r['question']]}")
+            emit(f"--- {completion_label(r, args)} ---\n{r['text']}")
+        records += batch_records
+    return records
+
+
+def completion_label(r: dict, args) -> str:
+    parts = [r["setup"]] + ([f"sample {r['sample'] + 1}/{args.n}"] if args.n > 1 else [])
+    if r["finish_reason"] == "length":
+        parts.append(f"truncated at {args.max_new_tokens} tokens")
+    if "reward" in r:
+        import reward
+        verdict = "correct" if r["reward"] == 1.0 else f"wrong: boxed {reward.extract_boxed(r['text'])!r}"
+        parts.append(f"{verdict}, answer {r['answer']!r}")
+    return ", ".join(parts)
+
+
+def accuracy_lines(records: list[dict], setups) -> list[str]:
+    lines = []
+    for label, _ in setups:
+        scores = [r["reward"] for r in records if r["setup"] == label and "reward" in r]
+        if scores:
+            lines.append(f"accuracy {label}: {sum(scores):g}/{len(scores)} = {100 * sum(scores) / len(scores):.1f}%")
+    return lines
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_cli(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        raise SystemExit(f"sample.py: {e}") from None
+
+
+def _run(args) -> list[dict]:
+    import data
+    import memory
+    from tqdm import tqdm
+    questions, answers = gather_questions(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a torch device") from None
+    dtype = M.auto_dtype(device) if args.dtype == "auto" else args.dtype
+    tokenizer = data.Tokenizer.from_dir(args.tokenizer or M.resolve_checkpoint(args.model))
+    available = memory.available_bytes(device)  # before the weights load: the plan counts them
+    model = M.Transformer.from_pretrained(args.model, dtype=dtype, device=device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {args.model} only "
+                         f"{model.config.vocab_size} embedding rows: wrong --tokenizer?")
+    setups = steering_setups(model, args.steering, args.steering_scale)
+    model.steering_scale = args.steering_scale
+    # the KV pool from the memory plan: one batch of questions x n at once, at most 90 % of what the
+    # weights leave (no backward here); an explicit --kv-cache-tokens that cannot fit is refused
+    longest = max(map(len, encode_questions(tokenizer, args, questions))) + args.max_new_tokens
+    plan = memory.plan(model.config, model.embed_tokens.weight.dtype, device, available=available, trainable=0,
+                       sequences=min(args.batch, len(questions)) * args.n, longest=longest, backward=False,
+                       kv_cache_tokens=args.kv_cache_tokens, gpu_memory_fraction=0.9)
+    sampler = Sampler(model, vocab_size=tokenizer.vocab_size, kv_cache_tokens=plan.kv_cache_tokens,
+                      max_seq_len=max(longest, 16))
+    # a bar (on stderr) only for an interactive run of several generate calls; printing goes
+    # through it so the bar is redrawn below the text
+    progress = tqdm(total=len(questions) * len(setups), unit="question", file=sys.stderr,
+                    disable=not sys.stdout.isatty() or len(questions) <= args.batch)
+    emit = (lambda s: progress.write(s, file=sys.stdout)) if not progress.disable else print
+    records = generate_all(model, sampler, tokenizer, args, questions, answers, setups, emit, progress)
+    progress.close()
+    for line in accuracy_lines(records, setups):
+        print(line)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
-"""Train one steering vector per layer with RLOO while every base weight stays frozen.
+"""Train one steering vector per layer with RLOO while every base weight stays frozen (or, for the
+paper's baselines, LoRA on down_proj or every weight: --adapter).
 
     torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-Math-1.5B     # the paper's hyperparameters
     python train.py --quickstart                                            # CPU, no download, < 1 min
@@ -6,11 +7,16 @@
 One step, on every rank:
 
     prompts of the step  --split by rank-->  this rank's prompts (a prompt's N rollouts stay together)
-    sample N rollouts per prompt with sample.Sampler on the live model (steering included)
+    sample N rollouts per prompt with sample.Sampler on the live model (its adapter included)
     task.reward of each rollout (math: math-verify on the boxed answer; toy: a token count), RLOO advantages
-    loss = rloo.policy_loss over token-budgeted micro-batches, backward into model.steering only
-    all_reduce(steering.grad, SUM)  -- the only tensor that crosses ranks: L x d floats
+    loss = rloo.policy_loss over token-budgeted micro-batches, backward into the adapter only
+    all_reduce(the adapter's flat gradient buffer, SUM)  -- the only tensor that crosses ranks: L x d floats
     clip, AdamW step (identical on every rank, so the vectors never drift apart)
+
+What trains is the model's concern (model.py's adapters): train.py asks it for the trainable
+tensors, their one flat gradient buffer, and to refresh the weights the forward reads after the
+step. The sampler runs on the same module, so the trainer -> sampler weight sync is 0 bytes for
+every adapter, full fine-tuning included.
 
 Determinism: the data order is a seeded permutation per epoch, and each rollout's random numbers
 are hashed from (seed, step, the prompt's index within the step, rollout, position) by the
@@ -19,16 +25,20 @@ repeats what the interrupted one would have done: bit for bit on CPU; on GPU up 
 rounding, which batch composition and kernels change.
 
 A run directory holds config.json (the resolved config), metrics.jsonl (one line per step),
-steering.safetensors (the latest vector, for eval.py) and checkpoint.pt (everything to resume).
-Every file is written to a temporary name and renamed, so a crash never leaves a half-written one.
+{adapter}.safetensors (the latest vector or LoRA, for eval.py; `full`: a Hugging Face folder
+full/), {adapter}-step{N}.safetensors for every checkpoint (the history), and checkpoint.pt
+(everything to resume). Every file is written to a temporary name and renamed, so a crash never
+leaves a half-written one. Re-running the same command on the directory continues the run.
 """
 import argparse
+import copy
 import functools
 import gc
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -40,6 +50,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import cluster
+import memory
 import model as M
 import rloo
 from sample import Sampler
@@ -64,6 +75,17 @@ class TrainConfig:
     dataset: str = _opt("math", "training set for --task math: math (MATH train), gsm8k, deepscaler")
     data_dir: str = _opt("", "folder with the dataset JSONL files (default: $STEER_DATA_DIR, else ../shared/data "
                          "when it exists, else the hub)")
+    # what trains (model.py's adapters; every base weight stays frozen except with --adapter full)
+    adapter: str = _opt("steering", "steering (one vector per layer, the paper's method), lora (rank --lora-rank on "
+                        "every MLP down_proj of --layers) or full (every base weight). The paper's learning rates "
+                        "(its Table 6 / official configs): steering 1e-3 (Qwen2.5 up to 7B), 5e-4 (14B), 3e-4 "
+                        "(Llama-3.1-8B), 8e-5 (Llama-3.1-8B-Instruct); LoRA 1e-4; full 1e-6 (2e-6 for "
+                        "Qwen2.5-Math-1.5B); the deepscaler-* presets set them")
+    layers: str = _opt("", "layers whose vector / LoRA trains, e.g. 27, 0-13 or 20,24,27 (default: all)")
+    steer_at: str = _opt("post-block", "where a steering vector is added: post-block (after the whole block, the "
+                         "paper's) or post-attn (after the attention residual, before the MLP)")
+    lora_rank: int = _opt(4, "LoRA rank r (the paper: 4, and 1 in its Table 1 LoRA rows)")
+    lora_alpha: float = _opt(0.0, "LoRA alpha; the update is scaled by alpha / r (0 = r, the paper's)")
     # rollouts
     prompts_per_step: int = _opt(128, "prompts per optimizer step, over all ranks (must divide by the world size)")
     rollouts: int = _opt(16, "rollouts per prompt: n, the RLOO group size, >= 2 (not --n: torchrun would take "
@@ -91,25 +113,44 @@ class TrainConfig:
     dtype: str = _opt("auto", "model weights dtype: auto (model.auto_dtype: bfloat16 on CUDA and on CPUs with native "
                       "bf16 matmuls, else float32), float32, bfloat16, float16; steering and its gradient are "
                       "always float32")
-    micro_batch_tokens: int = _opt(16384, "padded tokens per backward micro-batch (rows x longest row)")
+    micro_batch_tokens: int = _opt(0, "padded tokens per backward micro-batch (rows x longest row); 0 = the "
+                                   "memory plan's: the largest that fits beside weights, optimizer state and KV pool")
     activation_checkpointing: bool | None = _opt(None, "recompute each block in backward: keeps one block's "
                                                  "activations instead of all layers' (the steering gradient of "
                                                  "layer 0 needs the whole backward), for ~1/3 more backward time. "
-                                                 "Default (neither flag): on for CUDA; on CPU only when a "
-                                                 "micro-batch's activations would not fit in half the available "
-                                                 "host memory")
-    kv_cache_tokens: int = _opt(0, "sampler KV pool in tokens; 0 = the sampler's default on CUDA "
-                                "(gpu_memory_fraction of free memory); on CPU one step's need, at most 2 GiB")
-    gpu_memory_fraction: float = _opt(0.5, "share of free GPU memory the sampler's KV pool takes (kv_cache_tokens=0)")
+                                                 "Default (neither flag): the memory plan decides (CPU: only when "
+                                                 "one sequence would not fit without; CUDA: unless the whole step "
+                                                 "fits without)")
+    kv_cache_tokens: int = _opt(0, "sampler KV pool in tokens; 0 = the memory plan's: one step's rollouts, at most "
+                                "--gpu-memory-fraction of the memory that weights and optimizer state leave")
+    gpu_memory_fraction: float = _opt(0.5, "share of the memory left beside weights and optimizer state that the KV "
+                                      "pool may take (CPU or GPU; --kv-cache-tokens 0)")
     reward_workers: int = _opt(0, "math-verify worker processes per rank (0 = reward.py's default)")
     reward_timeout: float = _opt(5.0, "seconds per answer check before it counts as wrong")
+    collective_timeout: float = _opt(1800.0, "seconds a collective waits for the other ranks: a dead rank makes "
+                                     "the others exit with an error after this long instead of hanging")
+    # evaluation during training (on the live model, with the training sampler)
+    eval_every: int = _opt(0, "evaluate every this many steps, and before the first (0 = never); logged into "
+                           "metrics.jsonl as eval_* fields")
+    eval_bench: str = _opt("math500", "benchmark (test split) for --eval-every")
+    eval_limit: int = _opt(100, "first N problems of --eval-bench (0 = all)")
+    eval_samples: int = _opt(1, "samples per problem for --eval-every (eval_accuracy is their mean)")
+    eval_temperature: float = _opt(0.0, "sampling temperature for --eval-every (0 = greedy)")
     # run directory
-    out_dir: str = _opt("", "run directory (default: runs/<task>-<time>); refused if it exists and is not empty")
+    out_dir: str = _opt("", "run directory (default: runs/<task>-<time>). If it holds a run of the same config, "
+                        "that run continues from its last checkpoint (so re-running a command, a torchrun restart "
+                        "or a requeue resumes); a different config is refused")
     resume: str = _opt("", "continue the run in this directory from its last checkpoint (other flags not allowed)")
-    checkpoint_every: int = _opt(50, "checkpoint every this many steps (and always at the end)")
+    checkpoint_every: int = _opt(50, "checkpoint every this many steps (and always at the end); each checkpoint "
+                                 "also keeps its vector as steering-step{N}.safetensors")
+    wandb_project: str = _opt("", "log the config and every step's metrics to this Weights & Biases project "
+                              "(needs `pip install wandb`; imported only when set)")
     preset: str = _opt("", "start from a named set of defaults (flags given override them): quickstart (tiny "
                        "random model, toy task, CPU, ~20 s), cpu-demo (a real 0.5B instruct model on generated "
-                       "arithmetic, CPU, ~15 min), cpu-gsm8k (the same model on GSM8K, CPU, ~90 min; see README)")
+                       "arithmetic, CPU, ~15 min), cpu-gsm8k (the same model on GSM8K, CPU; see README), and the "
+                       "paper's setups: deepscaler-<model>[-lora|-full] (Table 1) and gsm8k-<model> / math-<model> "
+                       "(the GSM8K / MATH table), <model> one of qwen2.5-math-1.5b, qwen2.5-math-7b, qwen2.5-1.5b, "
+                       "qwen2.5-7b, qwen2.5-14b, llama3.1-8b, llama3.1-8b-instruct (README maps each to its row)")
     # the toy task and the random-tiny model
     toy_target: int = _opt(5, "toy task: the token id whose frequency in completions is the reward")
     toy_prompts: int = _opt(2048, "toy task: number of random prompts")
@@ -125,21 +166,62 @@ PRESETS = {
     # coordinate by about lr per step, hence a learning rate far above the paper's 1e-3.
     "quickstart": dict(model="random-tiny", task="toy", device="cpu", prompts_per_step=16, rollouts=8,
                        max_new_tokens=16, max_len=32, max_prompt_len=16, lr=0.01, warmup=0.0, max_steps=30,
-                       checkpoint_every=10, micro_batch_tokens=4096, dtype="float32"),
+                       checkpoint_every=10, dtype="float32"),
     # A real instruct model gets better at a real (if easy) task on 2 CPU cores in ~15 minutes:
     # generated arithmetic (data/arithmetic.py), 96-token answers, 16 prompts x 4 rollouts.
     # Qwen2.5-Coder-0.5B-Instruct: see README for the measured curves and held-out accuracy.
     "cpu-demo": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="math", dataset="arithmetic", device="cpu",
                      prompts_per_step=16, rollouts=4, max_new_tokens=96, max_len=256, max_prompt_len=128,
-                     lr=5e-3, warmup=0.0, max_steps=8, checkpoint_every=1, micro_batch_tokens=4096),
+                     lr=5e-3, warmup=0.0, max_steps=8, checkpoint_every=1),
     # GSM8K on 2 CPU cores: 8 prompts x 8 rollouts (a group of 8 leaves fewer all-wrong prompts without
     # signal than 4 at a ~20 % base accuracy). The completion budget must not be shorter than the base
     # model's own answers: measured with 256 tokens (base greedy answers average 292), RL rewarded
     # brevity and GSM8K greedy fell from 26.5 to 8.5 % (README). 512 is the eval budget; ~2x the step time.
     "cpu-gsm8k": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="math", dataset="gsm8k", device="cpu",
                       prompts_per_step=8, rollouts=8, max_new_tokens=512, max_len=1024, max_prompt_len=512,
-                      lr=5e-3, warmup=0.0, max_steps=12, checkpoint_every=2, micro_batch_tokens=4096),
+                      lr=5e-3, warmup=0.0, max_steps=12, checkpoint_every=2),
 }
+
+# The paper's setups, from its official configs (configs/train/rl/<model>/deepscaler/*.yml of
+# corl-team/steering-reasoning). Shared by all: RLOO without KL, +-1 reward on the last box, 128
+# prompts per step (16 per GPU x 8), T = 1, AdamW, constant lr after 3 % warmup, grad norm clipped
+# at 2, the loss divided by the step's generated tokens (our --loss-norm token), 1 epoch of
+# DeepScaleR (40,315 problems: 314 steps), max_len = prompt + completion. Per model: hub id, max_len,
+# then per adapter (lr, rollouts per prompt, LoRA rank). LoRA is on down_proj with alpha = rank
+# (rank 1 where the paper's table used its lora-1 runs); the official LoRA for the non-Math Qwen2.5
+# models starts from PiSSA, which we do not implement (ours is PEFT's default init).
+PAPER_SETUPS = {
+    "qwen2.5-math-1.5b": ("Qwen/Qwen2.5-Math-1.5B", 4096, dict(steering=(1e-3, 16, 0), lora=(1e-4, 16, 4),
+                                                                full=(2e-6, 16, 0))),
+    "qwen2.5-math-7b": ("Qwen/Qwen2.5-Math-7B", 4096, dict(steering=(1e-3, 16, 0), lora=(1e-4, 16, 1),
+                                                            full=(1e-6, 16, 0))),
+    "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B", 8192, dict(steering=(1e-3, 64, 0), lora=(1e-4, 16, 4),
+                                                      full=(1e-6, 64, 0))),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B", 8192, dict(steering=(1e-3, 16, 0), lora=(1e-4, 16, 4), full=(1e-6, 16, 0))),
+    "qwen2.5-14b": ("Qwen/Qwen2.5-14B", 8192, dict(steering=(5e-4, 16, 0), lora=(5e-4, 16, 4),
+                                                    full=(1e-6, 16, 0))),
+    "llama3.1-8b": ("meta-llama/Llama-3.1-8B", 8192, dict(steering=(3e-4, 64, 0), lora=(1e-4, 32, 4),
+                                                           full=(1e-6, 64, 0))),
+    "llama3.1-8b-instruct": ("meta-llama/Llama-3.1-8B-Instruct", 8192, dict(steering=(8e-5, 16, 0),
+                                                                             lora=(8e-5, 16, 1),
+                                                                             full=(1e-6, 16, 0))),
+}
+for _name, (_hub, _max_len, _adapters) in PAPER_SETUPS.items():
+    for _adapter, (_lr, _rollouts, _rank) in _adapters.items():
+        PRESETS[f"deepscaler-{_name}" + ("" if _adapter == "steering" else f"-{_adapter}")] = dict(
+            model=_hub, dataset="deepscaler", adapter=_adapter, lr=_lr, rollouts=_rollouts, max_len=_max_len,
+            prompts_per_step=128, epochs=1, checkpoint_every=53, **({"lora_rank": _rank} if _rank else {}))
+# The GSM8K / MATH table (the paper's v1): the official v1-era configs (configs/train/rl/<model>/{gsm8k,math})
+# train 3 epochs (Llama-3.1-8B: 2) at 1024 tokens in total; the Llama-3.1-8B-Instruct one steers layer
+# 16 alone. Those configs also add a KL term (0.01) and use a mean baseline, which we do not (RLOO, no
+# KL: the paper's final recipe). Only the steering setups with a published config are here.
+for _name, _dataset, _lr, _rollouts, _epochs, _layers in (
+        ("qwen2.5-math-1.5b", "gsm8k", 2e-3, 16, 3, ""), ("qwen2.5-math-1.5b", "math", 1e-3, 16, 3, ""),
+        ("qwen2.5-1.5b", "gsm8k", 5e-4, 64, 3, ""), ("llama3.1-8b", "gsm8k", 5e-4, 64, 2, ""),
+        ("llama3.1-8b-instruct", "gsm8k", 3e-4, 16, 3, "16")):
+    PRESETS[f"{_dataset}-{_name}"] = dict(model=PAPER_SETUPS[_name][0], dataset=_dataset, lr=_lr, rollouts=_rollouts,
+                                         epochs=_epochs, max_len=1024, max_prompt_len=512, prompts_per_step=128,
+                                         layers=_layers)
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -204,34 +286,26 @@ def check_config(cfg: TrainConfig, world: int):
         problems.append(f"--checkpoint-every {cfg.checkpoint_every}: must be >= 1")
     if cfg.model == "random-tiny" and cfg.task != "toy":
         problems.append("--model random-tiny has no tokenizer: use it with --task toy")
+    import data  # dataset names are checked here, before any model or data is loaded
+    if cfg.task == "math" and cfg.dataset not in data.NAMES:
+        problems.append(f"--dataset {cfg.dataset!r}: use one of {', '.join(data.NAMES)}")
+    if cfg.eval_every < 0 or cfg.eval_limit < 0 or cfg.eval_samples < 1 or cfg.eval_temperature < 0:
+        problems.append("--eval-every and --eval-limit must be >= 0, --eval-samples >= 1, --eval-temperature >= 0")
+    if cfg.eval_every and (cfg.task != "math" or cfg.eval_bench not in data.NAMES):
+        problems.append(f"--eval-every needs --task math and an --eval-bench among {', '.join(data.NAMES)} "
+                        f"(got --task {cfg.task}, --eval-bench {cfg.eval_bench!r})")
+    if cfg.adapter not in M.ADAPTERS:
+        problems.append(f"--adapter {cfg.adapter!r}: use one of {', '.join(M.ADAPTERS)}")
+    if cfg.steer_at not in M.STEER_AT:
+        problems.append(f"--steer-at {cfg.steer_at!r}: use one of {', '.join(M.STEER_AT)}")
+    if cfg.lora_rank < 1 or cfg.lora_alpha < 0:
+        problems.append(f"--lora-rank {cfg.lora_rank} / --lora-alpha {cfg.lora_alpha}: rank >= 1, alpha >= 0")
+    if cfg.adapter == "full" and cfg.layers:
+        problems.append("--layers: full fine-tuning trains every layer (leave --layers empty)")
+    if cfg.collective_timeout <= 0:
+        problems.append(f"--collective-timeout {cfg.collective_timeout}: must be > 0 seconds")
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))
-
-# -----------------------------------------------------------------------------
-# Memory: whether the backward recomputes blocks
-
-
-def available_host_memory() -> int:
-    """Bytes the kernel says a new allocation can take without swapping (MemAvailable)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def use_recompute(cfg: TrainConfig, model, device) -> bool:
-    """--activation-checkpointing when given; else on for CUDA (memory is the scarce resource there)
-    and, on CPU, only when one micro-batch's activations without recompute would take more than
-    half the available host memory (the recompute costs ~1/3 of the backward's time)."""
-    if cfg.activation_checkpointing is not None:
-        return cfg.activation_checkpointing
-    if device.type == "cuda":
-        return True
-    dtype = model.embed_tokens.weight.dtype
-    need = M.activation_bytes_per_token(model.config, dtype, recompute=False) * cfg.micro_batch_tokens
-    return 2 * need > available_host_memory()
-
 
 # -----------------------------------------------------------------------------
 # Tasks: prompts as token ids, and the reward of their completions. A task is built by one
@@ -248,6 +322,7 @@ class Task:
     # (completions as token ids, the dataset index of each one's prompt) -> (rewards, correct as 1/0)
     reward: Callable[[list[list[int]], list[int]], tuple[list[float], list[float]]]
     close: Callable[[], None] = lambda: None  # frees what the reward holds (worker processes)
+    stats: Callable[[], dict] = dict  # running counters of the reward (math: the RewardPool's)
 
     def fingerprint(self) -> str:
         """Hash of the prompts (token ids) and answers: a resumed run must see the same data."""
@@ -268,7 +343,7 @@ def build_tiny_model(folder: Path, cfg: TrainConfig):
     net = M.Transformer(M.Config.from_dict(raw))
     with torch.no_grad():
         net.embed_tokens.weight.mul_(0.15)  # logits = norm(h) . e: std ~ 0.15 sqrt(d) instead of sqrt(d)
-    tensors = {k: v.contiguous() for k, v in net.state_dict().items() if k != "steering"}
+    tensors = {k: v.detach().contiguous() for k, v in net.base_weights().items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors.tmp"))
     os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
@@ -292,15 +367,19 @@ def toy_task(cfg: TrainConfig, model_path, is_main: bool) -> Task:
     return Task(prompts, None, [], vocab_size, 0, reward)
 
 
-def math_task(cfg: TrainConfig, model_path, is_main: bool) -> Task:
+def math_task(cfg: TrainConfig, model_path, is_main: bool, dataset: str = "", split: str = "train",
+              limit: int = 0) -> Task:
     """Dataset problems in the model's chat template; reward = the last \\boxed{} checked against
-    the gold answer by math-verify (reward.RewardPool): +1 / -1 (--reward pm1) or 1 / 0."""
+    the gold answer by math-verify (reward.RewardPool): +1 / -1 (--reward pm1) or 1 / 0. The
+    training set by default; --eval-every builds a second one from a benchmark's test split."""
     import data
     import reward
     # the workers fork now, from a small process: before the model and CUDA take memory
     pool = reward.RewardPool(workers=cfg.reward_workers or None, timeout=cfg.reward_timeout).start()
     tok = data.Tokenizer.from_dir(cfg.tokenizer or M.resolve_checkpoint(model_path))
-    rows = data.load(cfg.dataset, split="train", data_dir=data.default_dir(cfg.data_dir))
+    dataset = dataset or cfg.dataset
+    rows = data.load(dataset, split=split, data_dir=data.default_dir(cfg.data_dir))
+    rows = rows[:limit] if limit else rows
     prompts, answers, skipped = [], [], 0
     for row in rows:
         tokens = tok.encode_prompt(row["problem"])
@@ -310,16 +389,18 @@ def math_task(cfg: TrainConfig, model_path, is_main: bool) -> Task:
         prompts.append(tokens)
         answers.append(row["answer"])
     if not prompts:
-        raise SystemExit(f"{cfg.dataset}: no prompt fits --max-prompt-len {cfg.max_prompt_len}")
+        raise SystemExit(f"{dataset} ({split}): no prompt fits --max-prompt-len {cfg.max_prompt_len}")
     if is_main:
-        print(f"{cfg.dataset}: {len(prompts)} prompts, {skipped} skipped (longer than {cfg.max_prompt_len} tokens)")
+        print(f"{dataset} ({split}): {len(prompts)} prompts, {skipped} skipped (longer than "
+              f"{cfg.max_prompt_len} tokens)")
     wrong = -1.0 if cfg.reward == "pm1" else 0.0
 
     def score(completions, prompt_indices):
         texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
         rewards = pool.score_batch(texts, [answers[i] for i in prompt_indices], correct=1.0, wrong=wrong)
         return rewards, [float(r == 1.0) for r in rewards]
-    return Task(prompts, answers, tok.stop_token_ids, tok.vocab_size, skipped, score, pool.close)
+    return Task(prompts, answers, tok.stop_token_ids, tok.vocab_size, skipped, score, pool.close,
+                lambda: dict(pool.stats))
 
 
 TASKS = {"math": math_task, "toy": toy_task}
@@ -383,7 +464,7 @@ def micro_batches(rollouts: list[Rollout], budget: int) -> list[list[Rollout]]:
 
 def backward(model, batch: list[Rollout], cfg: TrainConfig, vocab_size, totals: dict, device):
     """Loss of one micro-batch (already divided by the step's normaliser), backpropagated into
-    steering. Returns (loss, sum of |train log-prob - sampler log-prob| over its tokens)."""
+    the adapter. Returns (loss, sum of |train log-prob - sampler log-prob| over its tokens)."""
     width = max(len(r.prompt) + len(r.completion) for r in batch) - 1
     inputs = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T) right-padded with id 0 (masked out)
     targets = torch.zeros(len(batch), width, dtype=torch.long)
@@ -405,49 +486,84 @@ def backward(model, batch: list[Rollout], cfg: TrainConfig, vocab_size, totals: 
     sampler = torch.tensor([lp for r in batch for lp in r.sampler_logprobs], device=device)
     return loss.detach(), (picked.detach() - sampler).abs().sum()
 
-def accumulate_gradient(model, rollouts: list[Rollout], cfg: TrainConfig, vocab_size, totals: dict, device):
-    """Backward over all micro-batches into a zeroed steering.grad. Returns (loss, summed
-    |log-prob gap|, number of micro-batches, whether some loss was non-finite)."""
-    if model.steering.grad is None:
-        model.steering.grad = torch.zeros_like(model.steering)
-    model.steering.grad.zero_()
-    loss, gap, bad_loss = 0.0, 0.0, False
-    batches = micro_batches(rollouts, cfg.micro_batch_tokens)
-    for batch in batches:
-        mb_loss, mb_gap = backward(model, batch, cfg, vocab_size, totals, device)
-        bad_loss |= not bool(torch.isfinite(mb_loss))
-        loss += mb_loss.item()
-        gap += mb_gap.item()
-    return loss, gap, len(batches), bad_loss
+@dataclass
+class Gradient:
+    """What accumulate_gradient did: the summed loss and |log-prob gap|, the micro-batches it took,
+    whether some loss was non-finite, and the budget it ended with after halving on OOM."""
+    loss: float
+    gap: float
+    micro_batches: int
+    bad_loss: bool
+    budget: int
+    oom_retries: int
+
+
+def accumulate_gradient(model, rollouts: list[Rollout], cfg: TrainConfig, vocab_size, totals: dict, device,
+                        budget: int) -> Gradient:
+    """Backward over micro-batches of at most `budget` padded tokens into the adapter's zeroed
+    gradient buffer.
+    Out of GPU memory in a micro-batch: free what it held, halve the budget and redo the whole
+    step's backward (the gradient is the same sum, only grouped differently); below one sequence,
+    give up with the numbers."""
+    longest = max(len(r.prompt) + len(r.completion) - 1 for r in rollouts)
+    retries = 0
+    while True:
+        model.reset_grads()
+        loss, gap, bad_loss = 0.0, 0.0, False
+        batches = micro_batches(rollouts, budget)
+        try:
+            for batch in batches:
+                mb_loss, mb_gap = backward(model, batch, cfg, vocab_size, totals, device)
+                bad_loss |= not bool(torch.isfinite(mb_loss))
+                loss += mb_loss.item()
+                gap += mb_gap.item()
+            return Gradient(loss, gap, len(batches), bad_loss, budget, retries)
+        except torch.OutOfMemoryError:
+            pass  # outside the handler, so the traceback's frames (and the tensors they hold) are gone
+        if budget <= longest:
+            raise SystemExit(f"out of memory in the backward of a single {longest}-token sequence "
+                             f"(--micro-batch-tokens now {budget}): lower --max-len, or turn on "
+                             "--activation-checkpointing")
+        budget, retries = max(budget // 2, longest), retries + 1
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"out of memory in a backward micro-batch: retrying the step's backward with "
+              f"--micro-batch-tokens {budget}", file=sys.stderr, flush=True)
 
 
 def reduce_and_step(model, optimizer, cfg: TrainConfig, lr: float, bad_loss: bool) -> tuple[float, bool]:
-    """Sum steering.grad over ranks (the one all-reduce of the step: L x d floats), then clip and
-    take the AdamW step. A non-finite loss or gradient on any rank skips the update on every rank:
-    a rank with a bad loss poisons its gradient with NaN, which the sum carries everywhere.
-    Returns (global gradient norm before clipping, skipped)."""
-    grad = model.steering.grad
+    """Sum the adapter's gradients over ranks (the one all-reduce of the step: every trainable
+    gradient lives in one flat fp32 buffer, L x d floats for steering), then clip and take the
+    AdamW step, and let the model refresh the weights its forward reads (full fine-tuning in 16
+    bits: the fp32 masters copied in place). A non-finite loss or gradient on any rank skips the
+    update on every rank: a rank with a bad loss poisons its gradient with NaN, which the sum
+    carries everywhere. Returns (global gradient norm before clipping, skipped)."""
+    grad = model.grad_buffer
     if bad_loss:
         grad.fill_(float("nan"))
     dist.all_reduce(grad)  # SUM: the loss is already divided by the whole step's normaliser
     grad_norm = grad.norm().item()
     if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=False)
+        grad.zero_()
         return grad_norm, True
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([model.steering], cfg.grad_clip)
+        grad.mul_(min(1.0, cfg.grad_clip / (grad_norm + 1e-6)))  # clip_grad_norm_'s rule, on the one buffer
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
+    model.trainable_to_weights()
     return grad_norm, False
 
 
 def ranks_divergence(model) -> float:
-    """Largest |steering - rank 0's steering| over ranks: 0.0 when every rank holds the same
-    vector, as identical gradients and optimizer states guarantee. Checked at checkpoints."""
-    ref = model.steering.detach().clone()
-    dist.broadcast(ref, src=0)
-    diff = (model.steering.detach() - ref).abs().max().reshape(1)
+    """Largest |trainable - rank 0's| over ranks and tensors: 0.0 when every rank holds the same
+    adapter, as identical gradients and optimizer states guarantee. Checked at checkpoints."""
+    diff = torch.zeros(1, dtype=torch.float64, device=model.grad_buffer.device)
+    for p in model.trainable_parameters():
+        ref = p.detach().clone()
+        dist.broadcast(ref, src=0)
+        diff = torch.maximum(diff, (p.detach() - ref).abs().max().double().reshape(1))
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()
 
@@ -464,18 +580,34 @@ def atomic_write_text(path: Path, text: str):
 
 def save_checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, epoch: int, offset: int,
                     skipped_steps: int, data_fingerprint: str):
-    """steering.safetensors first (the file eval.py reads), then checkpoint.pt: the checkpoint is
-    the commit point, and resuming reads nothing else."""
-    model.save_steering(run_dir / "steering.safetensors", step=step, task=cfg.task, dataset=cfg.dataset)
-    state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps, data=data_fingerprint,
-                 steering=model.steering.detach().cpu().clone(), optimizer=optimizer.state_dict(),
-                 config=asdict(cfg))
-    tmp = run_dir / "checkpoint.pt.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / "checkpoint.pt")
+    """The adapter file: {kind}-step{N}.safetensors (the history: a few KB each for steering) and
+    {kind}.safetensors (the latest, the file eval.py reads; full fine-tuning: the folder full/, no
+    history: each would be a whole model), then checkpoint.pt: the checkpoint is the commit point,
+    and resuming reads nothing else. A full or unwritable disk stops the run with the path named;
+    every file is renamed into place only once complete, so the previous checkpoint stays intact."""
+    kind = model.adapter.kind
+    target = run_dir / "checkpoint.pt"
+    try:
+        names = ["full"] if kind == "full" else [f"{kind}-step{step}.safetensors", f"{kind}.safetensors"]
+        for name in names:
+            target = run_dir / name
+            model.save_adapter(target, step=step, task=cfg.task, dataset=cfg.dataset)
+        state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps, data=data_fingerprint,
+                     trainable=[p.detach().cpu().clone() for p in model.trainable_parameters()],
+                     optimizer=optimizer.state_dict(), config=asdict(cfg))
+        tmp = run_dir / "checkpoint.pt.tmp"
+        target = tmp
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, run_dir / "checkpoint.pt")
+    except OSError as e:
+        for leftover in run_dir.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+        raise SystemExit(f"checkpoint of step {step} could not be written to {getattr(e, 'filename', None) or target} "
+                         f"({e.strerror or e}); the previous checkpoint in {run_dir} is intact: free space or fix "
+                         "permissions, then re-run the same command to continue from it") from None
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
@@ -488,27 +620,48 @@ def load_checkpoint(run_dir: Path) -> dict | None:
         raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
+RUN_DIR_FIELDS = ("out_dir", "resume")  # where a run lives, not what it computes
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The fields (other than the run directory's) on which a saved config.json and `cfg` differ."""
+    mine = asdict(cfg)
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (saved) != {mine[k]!r} (given)"
+            for k in mine if k not in RUN_DIR_FIELDS and saved.get(k) != mine[k]]
+
+
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, dict | None]:
-    """Rank 0: the run directory (refusing to reuse a non-empty one unless resuming) and the
-    checkpoint to resume from. metrics.jsonl is cut back to the checkpoint's step, so the lines a
-    killed run wrote after its last checkpoint are replaced, not duplicated."""
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        state = load_checkpoint(run_dir)
-        last = state["step"] if state else 0
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= last]
-            atomic_write_text(metrics, "".join(ln + "\n" for ln in lines))
-        return run_dir, state
-    run_dir = Path(cfg.out_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise SystemExit(f"run directory {run_dir} exists and is not empty: pass --resume {run_dir} to continue "
-                         "it, or choose another --out-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Rank 0: the run directory and the checkpoint to continue from, if any. A directory that
+    holds a run of the same config continues it (a re-run of the same command, a torchrun restart,
+    a scheduler requeue); one that holds anything else is refused. metrics.jsonl is cut back to
+    the checkpoint's step, so the lines a killed run wrote after its last checkpoint are replaced,
+    not duplicated."""
+    run_dir = Path(cfg.resume or cfg.out_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    config_file = run_dir / "config.json"
+    if not cfg.resume and config_file.is_file():
+        try:
+            saved = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{config_file}: not valid JSON ({e}); choose another --out-dir") from None
+        differ = config_differences(saved, cfg)
+        if differ:
+            raise SystemExit(f"run directory {run_dir} holds a run with another config ({'; '.join(differ)}): "
+                             "re-run it with its own flags (or --resume it), or choose another --out-dir")
+    elif not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise SystemExit(f"run directory {run_dir} exists, is not empty and holds no config.json: "
+                         "choose another --out-dir")
     cfg.out_dir = str(run_dir)
-    atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2))
-    return run_dir, None
+    if not config_file.is_file():  # a new run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_file, json.dumps(asdict(cfg), indent=2))
+        return run_dir, None
+    state = load_checkpoint(run_dir)
+    last = state["step"] if state else 0
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= last]
+        atomic_write_text(metrics, "".join(ln + "\n" for ln in lines))
+    return run_dir, state
 
 # -----------------------------------------------------------------------------
 # Setup: run directory, task, model, optimizer, sampler; then one RL step as one function.
@@ -529,6 +682,8 @@ class Run:
     warmup_steps: int
     start: int  # the first step to run (0, or the checkpoint's step)
     skipped_steps: int  # updates skipped for a non-finite loss or gradient, so far
+    micro_batch_tokens: int  # the backward's budget: --micro-batch-tokens, halved by each OOM
+    eval_task: Task | None = None  # the --eval-every benchmark
 
 
 def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
@@ -551,18 +706,14 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
             build_tiny_model(model_path, cfg)
         dist.barrier()  # (several nodes need the run directory on a shared filesystem here)
     task = TASKS[cfg.task](cfg, model_path, c.is_main)  # before the model: reward workers fork small
-    dtype = M.auto_dtype(c.device) if cfg.dtype == "auto" else cfg.dtype
-    model = M.Transformer.from_pretrained(model_path, dtype=dtype, device=c.device)
-    model.checkpoint_blocks = use_recompute(cfg, model, c.device)
-    if c.is_main:
-        print(f"{model_path}: {dtype}, activation checkpointing {'on' if model.checkpoint_blocks else 'off'}")
-
+    eval_task = (math_task(cfg, model_path, c.is_main, cfg.eval_bench, "test", cfg.eval_limit)
+                 if cfg.eval_every else None)
+    # everything that can be checked without the model is checked before it loads
     P = cfg.prompts_per_step
     steps_per_epoch = len(task.prompts) // P
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(task.prompts)} prompts do not fill one step of --prompts-per-step {P}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW([model.steering], lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, skipped_steps = 0, 0
     if state is not None:
         start, skipped_steps = state["step"], state["skipped_steps"]
@@ -572,21 +723,52 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
         if (state["epoch"], state["offset"]) != step_position(start, steps_per_epoch, P):
             raise SystemExit(f"{run_dir}/checkpoint.pt: data position {(state['epoch'], state['offset'])} does not "
                              f"match step {start} (the dataset changed since the run began?)")
-        with torch.no_grad():
-            model.steering.copy_(state["steering"])  # in place: the sampler's CUDA graphs hold this tensor
-        optimizer.load_state_dict(state["optimizer"])
-        if c.is_main:
-            print(f"resuming {run_dir} at step {start}/{total_steps}")
+    all_prompts = task.prompts + (eval_task.prompts if eval_task else [])
+    longest = min(cfg.max_len, max(map(len, all_prompts)) + (cfg.max_new_tokens or cfg.max_len))
+    if cfg.kv_cache_tokens and cfg.kv_cache_tokens < longest:  # (the memory plan checks the rest)
+        raise SystemExit(f"--kv-cache-tokens {cfg.kv_cache_tokens} cannot hold one sequence of {longest} tokens "
+                         "(longest prompt + completion budget): raise it, or lower --max-len")
 
-    longest = min(cfg.max_len, max(len(p) for p in task.prompts) + (cfg.max_new_tokens or cfg.max_len))
-    kv_tokens = cfg.kv_cache_tokens or None  # GPU: the sampler sizes its pool from free memory
-    if kv_tokens is None and c.device.type == "cpu":  # one step's rollouts, capped at 2 GiB (pre-emption copes)
-        per_token = M.kv_bytes_per_token(model.config, model.embed_tokens.weight.dtype)
-        kv_tokens = min(P // c.world * cfg.rollouts * (longest + 16), 2 ** 31 // per_token)
-    sampler = Sampler(model, kv_cache_tokens=kv_tokens, gpu_memory_fraction=cfg.gpu_memory_fraction,
-                      vocab_size=task.vocab_size, max_seq_len=longest)
+    config = M.Config.from_json(M.resolve_checkpoint(model_path) / "config.json")
+    M.parse_layers(cfg.layers, config.num_layers)  # an out-of-range --layers is refused before the model loads
+
+    dtype = M.auto_dtype(c.device) if cfg.dtype == "auto" else cfg.dtype
+    available = memory.available_bytes(c.device)  # before the weights load: the plan counts them
+    model = M.Transformer.from_pretrained(model_path, dtype=dtype, device=c.device)
+    torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every rank, and in every run of this seed
+    model.set_adapter(cfg.adapter, layers=cfg.layers, steer_at=cfg.steer_at, lora_rank=cfg.lora_rank,
+                      lora_alpha=cfg.lora_alpha or None)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if c.device.type == "cpu" else 1  # ranks sharing the RAM
+    try:
+        plan = memory.plan(config, dtype, c.device, available=available, adapter=cfg.adapter,
+                           trainable=sum(p.numel() for p in model.trainable_parameters()),
+                           sequences=P // c.world * cfg.rollouts, longest=longest,
+                           micro_batch_tokens=cfg.micro_batch_tokens or None, recompute=cfg.activation_checkpointing,
+                           kv_cache_tokens=cfg.kv_cache_tokens or None, gpu_memory_fraction=cfg.gpu_memory_fraction,
+                           share=local)
+    except memory.MemoryPlanError as e:
+        raise SystemExit(str(e)) from None
+    model.checkpoint_blocks = plan.recompute
+    if c.is_main:
+        print(f"{model_path}: {dtype}, adapter {cfg.adapter} ({model.num_trainable():,} trainable numbers)")
+        print(plan.summary())
+        atomic_write_text(run_dir / "memory_plan.json", plan.to_json())
+    model.reset_grads()  # the flat gradient buffer exists from here on (metrics and collectives read it)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state is not None:
+        with torch.no_grad():  # in place: the sampler's CUDA graphs hold these tensors
+            for p, saved in zip(model.trainable_parameters(), state["trainable"], strict=True):
+                p.copy_(saved)
+        model.trainable_to_weights()
+        optimizer.load_state_dict(state["optimizer"])
+        if c.is_main and start < total_steps:
+            print(f"resuming {run_dir} at step {start}/{total_steps}")
+    elif c.is_main and (run_dir / "metrics.jsonl").is_file():
+        print(f"restarting {run_dir} from step 0 (it holds no checkpoint yet)")
+
+    sampler = Sampler(model, kv_cache_tokens=plan.kv_cache_tokens, vocab_size=task.vocab_size, max_seq_len=longest)
     return Run(cfg, c, run_dir, task, model, optimizer, sampler, steps_per_epoch, total_steps,
-               math.ceil(cfg.warmup * total_steps), start, skipped_steps)
+               math.ceil(cfg.warmup * total_steps), start, skipped_steps, plan.micro_batch_tokens, eval_task)
 
 
 def rl_step(run: Run, step: int) -> dict:
@@ -613,17 +795,22 @@ def rl_step(run: Run, step: int) -> dict:
                   total_tokens=max(count.item(), 1.0))
     rollouts = [Rollout(task.prompts[i], comp.tokens, a, comp.logprobs)
                 for i, comp, a in zip(owners, completions, adv.view(-1).tolist())]
-    loss, gap, batches, bad_loss = accumulate_gradient(run.model, rollouts, cfg, task.vocab_size, totals, c.device)
+    grad = accumulate_gradient(run.model, rollouts, cfg, task.vocab_size, totals, c.device, run.micro_batch_tokens)
+    run.micro_batch_tokens = grad.budget  # a budget halved on OOM stays halved for the rest of the run
     lr = cfg.lr * min(1.0, (step + 1) / run.warmup_steps) if run.warmup_steps else cfg.lr
-    grad_norm, skipped = reduce_and_step(run.model, run.optimizer, cfg, lr, bad_loss)
+    grad_norm, skipped = reduce_and_step(run.model, run.optimizer, cfg, lr, grad.bad_loss)
     run.skipped_steps += skipped
     sync(c.device)
     t3 = time.perf_counter()
 
+    pool = task.stats()  # this rank's reward workers, since the run began (summed over ranks below)
     sums, top = cluster.reduce_metrics(
         dict(reward=sum(rewards), correct=sum(correct), rollouts=len(rewards), tokens=sum(lengths),
+             reward_timeouts=pool.get("timeouts", 0), reward_crashes=pool.get("crashes", 0),
+             reward_workers_replaced=pool.get("replaced", 0), reward_workers_recycled=pool.get("recycled", 0),
              truncated=sum(comp.finish_reason == "length" for comp in completions), adv_abs=adv.abs().sum().item(),
-             adv_sq=adv.pow(2).sum().item(), zero_adv_prompts=(adv == 0).all(1).sum().item(), loss=loss, gap=gap),
+             adv_sq=adv.pow(2).sum().item(), zero_adv_prompts=(adv == 0).all(1).sum().item(), loss=grad.loss,
+             gap=grad.gap, oom_retries=grad.oom_retries),
         dict(completion_len=max(lengths), sample_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2), c.device)
     n = sums["rollouts"]
     return dict(step=step + 1, epoch=epoch, lr=lr, reward_mean=sums["reward"] / n, accuracy=sums["correct"] / n,
@@ -633,10 +820,46 @@ def rl_step(run: Run, step: int) -> dict:
                 loss=sums["loss"], logprob_gap=sums["gap"] / max(sums["tokens"], 1.0), sample_s=top["sample_s"],
                 reward_s=top["reward_s"], train_s=top["train_s"], step_s=time.perf_counter() - t0,
                 tokens_per_s=sums["tokens"] / max(top["sample_s"], 1e-9), grad_norm=grad_norm,
-                steering_norm=run.model.steering.detach().norm(dim=1).tolist(),
-                bytes_allreduced=run.model.steering.numel() * run.model.steering.element_size(),
-                micro_batches=batches, skipped=skipped, skipped_steps=run.skipped_steps,
+                **adapter_metrics(run.model),
+                micro_batches=grad.micro_batches, oom_retries=int(sums["oom_retries"]),
+                micro_batch_tokens=run.micro_batch_tokens, skipped=skipped, skipped_steps=run.skipped_steps,
+                **{k: int(sums[k]) for k in ("reward_timeouts", "reward_crashes", "reward_workers_replaced",
+                                             "reward_workers_recycled")},
                 skipped_prompts=task.skipped_prompts)
+
+
+def evaluate(run: Run) -> dict:
+    """--eval-every: the benchmark's problems on the live model with the training sampler (no
+    reload, no copy: the vector being trained is the one evaluated). Ranks take contiguous shares
+    of the problems (prompt_offset keeps the draws independent of the world size) and add up."""
+    cfg, c, task = run.cfg, run.cluster, run.eval_task
+    t0 = time.perf_counter()
+    share = math.ceil(len(task.prompts) / c.world)
+    indices = list(range(len(task.prompts)))[c.rank * share:][:share]
+    prompts = [task.prompts[i] for i in indices]
+    budgets = [min(cfg.max_new_tokens or cfg.max_len, cfg.max_len - len(p)) for p in prompts]
+    groups = run.sampler.generate(prompts, n=cfg.eval_samples, max_new_tokens=budgets,
+                                  temperature=cfg.eval_temperature, stop_token_ids=task.stop_token_ids,
+                                  seed=cfg.seed, prompt_offset=c.rank * share) if prompts else []
+    flat = [comp for group in groups for comp in group]
+    owners = [i for i in indices for _ in range(cfg.eval_samples)]
+    _, correct = task.reward([comp.tokens for comp in flat], owners) if flat else ([], [])
+    sums, _ = cluster.reduce_metrics(
+        dict(correct=sum(correct), samples=len(flat), tokens=sum(len(comp.tokens) for comp in flat),
+             truncated=sum(comp.finish_reason == "length" for comp in flat)), {}, c.device)
+    n = max(sums["samples"], 1.0)
+    return dict(eval_bench=cfg.eval_bench, eval_problems=len(task.prompts), eval_accuracy=sums["correct"] / n,
+                eval_len_mean=sums["tokens"] / n, eval_truncated_frac=sums["truncated"] / n,
+                eval_s=time.perf_counter() - t0)
+
+
+def adapter_metrics(model) -> dict:
+    """What trains and what crossed ranks; per-layer vector norms for steering (length L)."""
+    buf = model.grad_buffer
+    out = dict(trainable_params=model.num_trainable(), bytes_allreduced=buf.numel() * buf.element_size())
+    if model.adapter.kind == "steering":
+        out["steering_norm"] = model.steering.detach().norm(dim=1).tolist()
+    return out
 
 
 def sync(device):
@@ -651,43 +874,177 @@ def log_line(m: dict) -> str:
             f"{m['tokens_per_s']:.0f} tok/s" + (" SKIPPED" if m["skipped"] else ""))
 
 # -----------------------------------------------------------------------------
+# Stopping: SIGTERM (schedulers before pre-emption, torchrun when a peer failed) and SIGINT
+# (Ctrl-C) end the run in a checkpoint of its last completed step.
+
+
+class StopSignals:
+    """At the start of every step the trainable state (the vector and AdamW's moments: a few
+    hundred KB for steering) is copied aside. A signal then writes the checkpoint of the last
+    completed step from that copy at once, without waiting for the step in flight (its sampling
+    may take minutes), and exits 128 + signal: re-running the same command continues from there,
+    exactly as if never stopped. Every rank gets the signal (torchrun forwards it; schedulers
+    signal the whole job) and they all hold the same state, so rank 0 writes and all exit.
+    A signal that arrives while a checkpoint is being written waits for that write to end.
+
+    Full fine-tuning is too big to copy every step (3x the model in fp32): there a signal is
+    noted, the step in flight completes, and all ranks agree (one all-reduce per step) to
+    checkpoint it and exit."""
+    SNAPSHOT_LIMIT = 1 << 26  # trainable numbers up to which a per-step copy is cheap (steering, LoRA)
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.snapshot = None  # (step, trainable tensors, optimizer state, skipped steps)
+        self.saved_step = run.start  # the step the checkpoint on disk holds
+        self.writing, self.pending, self.requested = False, None, None
+        self.deferred = run.model.num_trainable() > self.SNAPSHOT_LIMIT
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def take_snapshot(self, step: int):
+        run = self.run
+        if not self.deferred:
+            self.snapshot = (step, [p.detach().clone() for p in run.model.trainable_parameters()],
+                             copy.deepcopy(run.optimizer.state_dict()), run.skipped_steps)
+
+    def stop_after(self, step: int):
+        """Deferred mode, after each step: if any rank got a signal, checkpoint `step` and exit."""
+        if not self.deferred:
+            return
+        flag = torch.tensor([float(self.requested or 0)], device=self.run.model.grad_buffer.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            if self.saved_step != step:
+                self.checkpoint(step)
+            self.exit(int(flag.item()))
+
+    def checkpoint(self, step: int):
+        """The regular checkpoint after `step` completed steps (rank 0 writes, every rank waits)."""
+        run = self.run
+        self.writing = True
+        if run.cluster.is_main:
+            save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, step,
+                            *step_position(step, run.steps_per_epoch, run.cfg.prompts_per_step),
+                            run.skipped_steps, run.task.fingerprint())
+        self.saved_step, self.writing = step, False
+        if self.pending is not None:
+            self.exit(self.pending)
+        dist.barrier()  # nobody runs ahead of a checkpoint that may still be written
+
+    def handle(self, signum, frame):
+        if self.deferred:
+            self.requested = signum
+        elif self.writing:
+            self.pending = signum
+        else:
+            self.exit(signum)
+
+    def exit(self, signum):
+        run, name = self.run, signal.Signals(signum).name
+        if run.cluster.is_main and self.snapshot is not None and self.snapshot[0] > self.saved_step:
+            step, trainable, optimizer_state, skipped = self.snapshot
+            with torch.no_grad():  # the process ends here: the live state may be overwritten
+                for p, saved in zip(run.model.trainable_parameters(), trainable):
+                    p.copy_(saved)
+            run.model.trainable_to_weights()
+            run.optimizer.load_state_dict(optimizer_state)
+            run.skipped_steps = skipped
+            save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, step,
+                            *step_position(step, run.steps_per_epoch, run.cfg.prompts_per_step),
+                            skipped, run.task.fingerprint())
+            self.saved_step = step
+        if run.cluster.is_main:
+            print(f"{name}: stopped; {run.run_dir}/checkpoint.pt holds step {self.saved_step}: re-run the same "
+                  "command to continue", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)  # not SystemExit: peers and gloo threads may be mid-collective
+
+
+class Tracker:
+    """--wandb-project: the config once, then every step's numbers (rank 0 only)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
+        import wandb  # optional: only when asked for
+        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]  # a resumed run logs on
+        self.run = wandb.init(project=cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow",
+                              config=asdict(cfg), dir=str(run_dir))
+
+    def log(self, m: dict):
+        numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers.update({f"steering_norm/{i}": v for i, v in enumerate(m.get("steering_norm", []))})
+        self.run.log(numbers, step=m["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+# -----------------------------------------------------------------------------
 # The loop
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    c = cluster.init(cfg.device)
+    c = cluster.init(cfg.device, cfg.collective_timeout)
+    if c.device.type == "cpu":
+        memory.return_freed_host_memory()  # what the memory plan assumes (see there)
     check_config(cfg, c.world)
+    if cfg.wandb_project and c.is_main:
+        try:
+            import wandb  # noqa: F401  (checked before anything loads)
+        except ImportError:
+            raise SystemExit("--wandb-project needs the wandb package: pip install wandb") from None
     run = setup(cfg, c)
+    if run.start >= run.total_steps:
+        if c.is_main:
+            print(f"{run.run_dir} is finished (step {run.start}/{run.total_steps}): nothing to do")
+        run.task.close()
+        cluster.close()
+        return
+    stops = StopSignals(run)
+    tracker = Tracker(cfg, run.run_dir) if cfg.wandb_project and c.is_main else None
     metrics_file = open(run.run_dir / "metrics.jsonl", "a") if c.is_main else None
+
+    def record(m: dict):
+        if c.is_main:
+            metrics_file.write(json.dumps(m) + "\n")
+            metrics_file.flush()
+            if tracker:
+                tracker.log(m)
+
+    if cfg.eval_every and run.start == 0:  # the base model's score: where the curve starts
+        record(dict(step=0, **evaluate(run)))
     # a bar on a terminal; on a log file (not a tty) one plain line per step
     bar = tqdm(total=run.total_steps, initial=run.start, unit="step", file=sys.stdout,
                disable=not (c.is_main and sys.stdout.isatty()))
     for step in range(run.start, run.total_steps):
+        stops.take_snapshot(step)
         m = rl_step(run, step)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            m.update(evaluate(run))
         checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == run.total_steps
         m["rank_divergence"] = ranks_divergence(run.model) if checkpoint_now else None
         if m["rank_divergence"]:  # the same value on every rank (all-reduced): all stop together
-            raise RuntimeError(f"step {step + 1}: the ranks' steering vectors differ by up to {m['rank_divergence']}")
+            raise RuntimeError(f"step {step + 1}: the ranks' adapters differ by up to {m['rank_divergence']}")
+        record(m)
         if c.is_main:
-            metrics_file.write(json.dumps(m) + "\n")
-            metrics_file.flush()
             if bar.disable:
                 print(f"[{step + 1}/{run.total_steps}] " + log_line(m), flush=True)
             else:
                 bar.set_postfix_str(log_line(m).split(" ", 2)[2], refresh=False)
                 bar.update(1)
         if checkpoint_now:
-            if c.is_main:
-                save_checkpoint(run.run_dir, run.model, run.optimizer, cfg, step + 1,
-                                *step_position(step + 1, run.steps_per_epoch, cfg.prompts_per_step),
-                                run.skipped_steps, run.task.fingerprint())
-            dist.barrier()  # nobody runs ahead of a checkpoint that may still be written
+            stops.checkpoint(step + 1)
+        stops.stop_after(step + 1)
     bar.close()
     if c.is_main:
         metrics_file.close()
-        print(f"done: {run.run_dir}/steering.safetensors")
+        if tracker:
+            tracker.close()
+        kind = run.model.adapter.kind
+        print(f"done: {run.run_dir}/{'full' if kind == 'full' else kind + '.safetensors'}")
     run.task.close()
+    if run.eval_task:
+        run.eval_task.close()
     cluster.close()
     # Reference cycles can keep gloo's process group, and the work objects its threads still hold,
     # alive into interpreter shutdown, where a thread releasing a tensor needs the GIL and aborts
@@ -696,4 +1053,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cluster.run_cli(main)

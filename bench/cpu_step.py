@@ -73,7 +73,7 @@ def main(argv=None):
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       tie_word_embeddings=True))
         model = M.Transformer(cfg).to(dtype).eval().requires_grad_(False)
-        model.steering = torch.nn.Parameter(torch.zeros(cfg.num_layers, cfg.hidden_size))  # fp32, trainable
+        model.set_adapter("steering")  # fp32 zeros, trainable (the cast above rounded the adapter too)
         model.inv_freq = M.rope_inv_freq(cfg)  # .to(dtype) rounded the rotary frequencies
         prompts = torch.randint(0, cfg.vocab_size, (args.prompts, 24)).tolist()
     else:
@@ -107,9 +107,10 @@ def main(argv=None):
     tokens = sum(len(r.prompt) + len(r.completion) - 1 for r in rollouts)
     totals = dict(total_sequences=len(rollouts), max_completion_len=args.max_new_tokens,
                   total_tokens=float(new_tokens))
-    train.accumulate_gradient(model, rollouts[:2], tcfg, vocab_size, totals, torch.device("cpu"))  # warm-up
+    cpu, budget = torch.device("cpu"), tcfg.micro_batch_tokens
+    train.accumulate_gradient(model, rollouts[:2], tcfg, vocab_size, totals, cpu, budget)  # warm-up
     t0 = time.perf_counter()
-    train.accumulate_gradient(model, rollouts, tcfg, vocab_size, totals, torch.device("cpu"))
+    train.accumulate_gradient(model, rollouts, tcfg, vocab_size, totals, cpu, budget)
     train_s = time.perf_counter() - t0
     # forward + input gradients through the body for every token; the head (forward and the
     # expected-row matmul of model._HeadLogprobs) only for completion tokens

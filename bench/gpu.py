@@ -501,7 +501,7 @@ def check_frozen_base(report: Report, plan: Plan):
     m = sharp_model("check-qwen2", plan.dtype, plan.device)
     m.steering.requires_grad_(True)
     cfg = train.TrainConfig()
-    m.checkpoint_blocks = train.use_recompute(cfg, m, plan.device)
+    m.checkpoint_blocks = plan.device.type == "cuda"  # as train.py's memory plan chooses at real shapes
     prompt = random_prompts(1, 13, m.config.vocab_size)[0]
     completion = random_prompts(1, 25, m.config.vocab_size, seed=1)[0]
     rollout = train.Rollout(prompt, completion, 1.0, [0.0] * len(completion))
@@ -510,7 +510,7 @@ def check_frozen_base(report: Report, plan: Plan):
 
     def weight_grad_matmuls():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-            train.accumulate_gradient(m, [rollout], cfg, None, totals, plan.device)
+            train.accumulate_gradient(m, [rollout], cfg, None, totals, plan.device, cfg.micro_batch_tokens)
             synchronize(plan.device)
         found = 0
         for ev in prof.events():
@@ -519,7 +519,7 @@ def check_frozen_base(report: Report, plan: Plan):
         return found
 
     frozen = weight_grad_matmuls()
-    base_grads = [n for n, p in m.named_parameters() if n != "steering" and p.grad is not None]
+    base_grads = [n for n in m.base_weights() if m.base_weights()[n].grad is not None]
     steering_ok = bool(m.steering.grad.abs().sum() > 0) and bool(torch.isfinite(m.steering.grad).all())
     probe = m.layers[0].mlp.down_proj.weight.requires_grad_(True)
     trained = weight_grad_matmuls()
@@ -753,7 +753,7 @@ def bench_rl_step(report: Report, plan: Plan, rates):
     m.steering.requires_grad_(True)
     cfg = train.TrainConfig(prompts_per_step=prompts, rollouts=rollouts, max_new_tokens=new_tokens,
                             max_len=prompt_len + new_tokens)
-    m.checkpoint_blocks = train.use_recompute(cfg, m, plan.device)
+    m.checkpoint_blocks = plan.device.type == "cuda"  # the paper's step does not fit without recompute
     own_group = not torch.distributed.is_initialized()
     if own_group:
         cluster.init(plan.device.type)
@@ -805,7 +805,7 @@ def rl_step(m, sampler, optimizer, cfg, prompts):
                 for p, group, row in zip(prompts, groups, advantages.tolist()) for c, a in zip(group, row)]
     totals = dict(total_sequences=len(rollouts), max_completion_len=cfg.max_new_tokens,
                   total_tokens=sum(len(r.completion) for r in rollouts))
-    _, _, _, bad_loss = train.accumulate_gradient(m, rollouts, cfg, None, totals, device)
+    bad_loss = train.accumulate_gradient(m, rollouts, cfg, None, totals, device, cfg.micro_batch_tokens).bad_loss
     mark()
     train.reduce_and_step(m, optimizer, cfg, cfg.lr, bad_loss)
     mark()
@@ -813,7 +813,7 @@ def rl_step(m, sampler, optimizer, cfg, prompts):
 
 
 def report_rl_step(report, plan, rates, m, sampler, label, seconds, peak, phases, rollouts):
-    base_grads = [n for n, p in m.named_parameters() if n != "steering" and p.grad is not None]
+    base_grads = [n for n in m.base_weights() if m.base_weights()[n].grad is not None]
     report.check(f"{label}: frozen base", not base_grads and m.steering.grad is not None,
                  f"base params with .grad after the step: {base_grads or 'none'}")
     for phase, s in zip(("sampling", "reward (random)", "forward-backward", "all-reduce + AdamW"), phases):

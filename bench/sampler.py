@@ -75,7 +75,7 @@ def random_model(name, dtype, device):
     with torch.device(device):
         m = M.Transformer(cfg).eval()
     for pname, p in m.named_parameters():
-        if pname != "steering":
+        if not pname.startswith("adapter."):
             # small-variance init so activations stay sane through 28 layers
             p.data = (torch.randn_like(p) * 0.02 if p.dim() > 1 else p.data).to(dtype)
     return m.requires_grad_(False)
@@ -95,8 +95,7 @@ def hf_twin(model, dtype, device, path=None):
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
     # our names are HF's without the "model." prefix; lm_head is HF's own top-level module
-    state = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in model.state_dict().items()
-             if k != "steering"}
+    state = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in model.base_weights().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all("lm_head" in k or "rotary" in k for k in missing), (missing, unexpected)
     return hf

@@ -2,7 +2,8 @@
 string), `solution` where the source has one, and any extra fields the source keeps.
 
 `load(name, split=None, data_dir=None)` reads `<data folder>/<file>.jsonl` (or `.jsonl.gz`),
-the layout of ../shared/data (its SOURCES.md gives provenance and transformations). The data
+the layout of ../shared/data (its SOURCES.md gives provenance and transformations), or
+`<file>.json`, one JSON array of rows (DeepScaleR's file as the hub serves it). The data
 folder is the `data_dir` argument, else the STEER_DATA_DIR environment variable. When neither
 is set, or the folder lacks the file, the file comes from the Hugging Face Hub instead
 (`hf_hub_download`, cached by huggingface_hub), and a small per-dataset adapter maps the hub's
@@ -17,7 +18,7 @@ field names onto ours. Only JSON / JSONL hub files are used, so no parquet reade
   amc23          test         amc23.jsonl            HuggingFaceTB/math_tasks : data/amc23/test.jsonl
   minerva        test         minerva.jsonl          HuggingFaceTB/math_tasks : data/minerva_math/test.jsonl
   olympiadbench  test         olympiadbench.jsonl    HuggingFaceTB/math_tasks : data/olympiadbench/test.jsonl
-  deepscaler     train        deepscaler.jsonl       agentica-org/DeepScaleR-Preview-Dataset : deepscaler.json
+  deepscaler     train        deepscaler.json[l]     agentica-org/DeepScaleR-Preview-Dataset : deepscaler.json
   arithmetic     train, test  (generated: data/arithmetic.py, seeded; no file, no hub)
 
 HuggingFaceTB/math_tasks mirrors the Qwen2.5-Math evaluation data, the same source as the
@@ -32,7 +33,8 @@ MATH splits. The hub adapters reproduce the local transformations:
   minerva        idx -> id; answer = content of the last \\boxed{} of the solution
   olympiadbench  question -> problem; solution list joined by blank lines;
                  answer = final_answer[0] with every unescaped `$` removed
-  deepscaler     one JSON array of {problem, answer, solution}; used as is
+  deepscaler     one JSON array of {problem, solution, answer} (40,315 rows); used as is. Its
+                 solutions often box the choice letter (\\boxed{\\text{E}}): `answer` is the gold
 
 Splits: a dataset with one split defaults to it; gsm8k has two, and its split must be named,
 so that a training run cannot pick up the test set by accident (and the reverse).
@@ -252,8 +254,8 @@ def _read(path: Path, adapt: Callable[[dict], dict], id_prefix: str) -> list[dic
 
 
 def _local_file(folder: Path, stem: str) -> tuple[Path | None, list[Path]]:
-    """The first of <stem>.jsonl / <stem>.jsonl.gz that exists, and the paths tried."""
-    tried = [folder / f"{stem}.jsonl", folder / f"{stem}.jsonl.gz"]
+    """The first of <stem>.jsonl / <stem>.jsonl.gz / <stem>.json that exists, and the paths tried."""
+    tried = [folder / f"{stem}.jsonl", folder / f"{stem}.jsonl.gz", folder / f"{stem}.json"]
     return next((p for p in tried if p.is_file()), None), tried
 
 
@@ -295,10 +297,12 @@ def load(name: str, split: str | None = None, data_dir: str | os.PathLike | None
     try:
         path = Path(hf_hub_download(repo_id=src.hub_repo, filename=hub_file, repo_type="dataset"))
     except Exception as err:  # offline, no network, missing repo: all end the same way here
-        local = f"tried {', '.join(map(str, tried))}" if tried else f"no data folder given (data_dir= or ${ENV_VAR})"
+        local = f"tried {', '.join(map(str, tried))}" if tried else "no data folder given"
+        why = " ".join(f"{type(err).__name__}: {err}".split())  # one line: CLIs print this message as it is
         raise FileNotFoundError(
-            f"{name} ({split}): no local file ({local}), and the hub download of "
-            f"{src.hub_repo}:{hub_file} failed: {type(err).__name__}: {err}. Put {stem}.jsonl in a "
-            f"folder and pass data_dir= or set ${ENV_VAR}.") from err
+            f"{name} ({split}): no local file ({local}), and the download of {hub_file} from the Hugging "
+            f"Face Hub dataset {src.hub_repo} ({src.hub_repo}:{hub_file}) failed ({why}). Put {stem}.jsonl "
+            f"(or .jsonl.gz, or {stem}.json as one JSON array) in a folder and pass it with --data-dir "
+            f"(data_dir= in Python) or set ${ENV_VAR}.") from err
     return _read(path, src.from_hub, stem)
 

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -72,3 +73,18 @@ def tiny_qwen(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama31")
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 with the real Qwen2.5 tokenizer beside it (math tasks, eval, the CLIs)."""
+    tok_dir = TOKENIZERS / "qwen2.5"
+    if not (tok_dir / "tokenizer.json").is_file():
+        pytest.skip(f"{tok_dir} is absent (the shared tokenizers)")
+    folder = tmp_path_factory.mktemp("tiny_tok")
+    # the real tokenizer needs the real vocabulary (151,936 rows); a tiny width keeps it cheap
+    write_checkpoint(folder, "qwen2-tied", vocab_size=151936, hidden_size=16, intermediate_size=32,
+                     max_position_embeddings=2048)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, folder / name)
+    return folder

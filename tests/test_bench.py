@@ -84,3 +84,25 @@ def test_cpu_step_benchmark_runs_at_tiny_size(capsys):
     assert set(rows) == {"sampling", "forward+backward"}
     for name, (seconds, tokens, tok_s, gflop_s, share) in rows.items():
         assert seconds > 0 and tokens > 0 and tok_s > 0 and share >= 0, (name, out)
+
+
+def test_adapter_costs_follow_the_formulas(capsys):
+    """bench/adapters.py: steering L d, LoRA r L (ffn + d), full every weight; AdamW 2 fp32 moments
+    (+ fp32 masters for a bf16 full fine-tune); the all-reduce is 4 bytes per trainable number. The
+    paper: Llama-3.1-8B steering adds ~0.0016 % (its abstract), Qwen2.5-14B 245,760 numbers."""
+    bench = load_script("adapters")
+    bench.main(["--tiny"])
+    assert "| tiny | steering | 128 |" in capsys.readouterr().out  # 2 layers x d 64
+    for name, shape in bench.SHAPES.items():
+        _, d, ffn, layers, *_ = shape
+        rows = {r["setup"]: r for r in bench.costs(shape)}
+        assert rows["steering"]["trainable"] == layers * d
+        assert rows["LoRA-1"]["trainable"] == layers * (ffn + d)
+        assert rows["LoRA-4"]["trainable"] == 4 * layers * (ffn + d)
+        for setup, r in rows.items():
+            masters = 4 * r["trainable"] if setup == "full" else 0
+            assert r["optimizer"] == 8 * r["trainable"] + masters and r["allreduce"] == 4 * r["trainable"]
+        assert rows["full"]["share"] == 1.0
+    assert bench.costs(bench.SHAPES["Qwen2.5-14B"])[0]["trainable"] == 245_760
+    llama = bench.costs(bench.SHAPES["Llama-3.1-8B"])[0]
+    assert round(100 * llama["share"], 4) == 0.0016

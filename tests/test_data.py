@@ -274,6 +274,67 @@ def test_hub_bad_rows_are_skipped_too(fake_hub):
         assert len(data.load("minerva")) == 1
 
 
+# DeepScaleR in the hub's exact layout. What this relies on: the hub repo
+# agentica-org/DeepScaleR-Preview-Dataset holds one data file, deepscaler.json (21.5 MB, "Formats:
+# json", one train split of 40.3k rows: its file tree and viewer pages), and ../shared/data/SOURCES.md
+# names it as the rllm repo's deepscaler/data/train/deepscaler.json, 40,315 rows. The head of that
+# file (a public copy of its first 803 rows) is one JSON array written by json.dump without indent,
+# each row {"problem", "solution", "answer"} in that order, all strings. The rows below copy that
+# shape; their solutions box the choice letter, as the real ones do, so only `answer` is the gold.
+DEEPSCALER = [
+    {"problem": "If $991+993+995+997+999=5000-N$, then $N=$",
+     "solution": "Each term is $1000$ minus a small odd number, so $5000-25=5000-N$.\n\\[\n\\boxed{\\text{E}}\n\\]",
+     "answer": "25"},
+    {"problem": "Find $HC/JE$.", "solution": "The ratio is $\\boxed{(D) \\frac{5}{3}}$.", "answer": "\\frac{5}{3}"},
+    {"problem": "What percent of her hits were single?", "solution": "$\\boxed{\\text{E}}$", "answer": "80\\%"},
+]
+DEEPSCALER_REPO = "agentica-org/DeepScaleR-Preview-Dataset"
+
+
+def write_deepscaler(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(DEEPSCALER), encoding="utf-8")
+    return path
+
+
+def check_deepscaler(rows: list[dict]):
+    assert [(r["id"], r["problem"], r["answer"], r["solution"]) for r in rows] == [
+        (f"deepscaler/{i}", d["problem"], d["answer"], d["solution"]) for i, d in enumerate(DEEPSCALER)]
+
+
+def test_deepscaler_from_a_data_dir_holding_the_hub_file(tmp_path, monkeypatch):
+    write_deepscaler(tmp_path / "deepscaler.json")  # as downloaded from the hub, name unchanged
+    check_deepscaler(data.load("deepscaler", data_dir=tmp_path))
+    monkeypatch.setenv(datasets.ENV_VAR, str(tmp_path))  # what --data-dir / $STEER_DATA_DIR pass on
+    check_deepscaler(data.load("deepscaler", "train"))
+
+
+def test_deepscaler_from_the_hub(tmp_path, monkeypatch):
+    calls = []
+
+    def download(repo_id, filename, repo_type=None, **kw):
+        calls.append((repo_id, filename, repo_type))
+        return str(write_deepscaler(tmp_path / "cache" / repo_id / filename))
+    monkeypatch.setattr(datasets, "hf_hub_download", download)
+    check_deepscaler(data.load("deepscaler", data_dir=tmp_path / "empty"))
+    assert calls == [(DEEPSCALER_REPO, "deepscaler.json", "dataset")]
+
+
+@pytest.mark.parametrize("with_folder", [True, False])
+def test_deepscaler_offline_names_the_repo_and_where_to_put_the_file(tmp_path, monkeypatch, with_folder):
+    # the real hf_hub_download, told to stay off the network: it raises what it raises offline
+    from huggingface_hub import hf_hub_download
+    monkeypatch.setattr(datasets, "hf_hub_download", functools.partial(
+        hf_hub_download, local_files_only=True, cache_dir=tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError) as err:
+        data.load("deepscaler", data_dir=tmp_path if with_folder else None)
+    msg = str(err.value)
+    assert "\n" not in msg  # CLIs print it as their one line
+    for part in (DEEPSCALER_REPO, "deepscaler.json", "--data-dir", datasets.ENV_VAR, "LocalEntryNotFoundError"):
+        assert part in msg, part
+    assert (str(tmp_path / "deepscaler.json") in msg) == with_folder
+
+
 @needs_data
 def test_hub_adapters_rebuild_the_real_local_rows(fake_hub, tmp_path):
     """Local rows turned back into the hub's schema go through the hub adapters and come out

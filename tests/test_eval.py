@@ -2,7 +2,6 @@
 grader (known correctness patterns), setup/protocol resolution, and a run end to end on a
 tiny random model with the real Qwen2.5 tokenizer and 5 real MATH500 problems."""
 import json
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import eval as ev
-from conftest import DATA_DIR, TOKENIZERS, write_checkpoint
+from conftest import DATA_DIR
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -31,11 +30,16 @@ def test_pass_at_1_and_avg_at_k_by_hand():
     assert ev.metric_name(1) == "pass@1" and ev.metric_name(32) == "avg@32"
 
 
-def test_mean_std_is_the_sample_std():
+def test_mean_std_is_the_sample_std_or_the_papers_population_std():
     mean, std = ev.mean_std([75.0, 25.0])
     assert mean == 50.0 and std == pytest.approx(35.35534, rel=1e-6)  # population std would be 25
     assert ev.mean_std([10.0, 20.0, 60.0]) == (30.0, pytest.approx(26.457513, rel=1e-6))
     assert ev.mean_std([42.0]) == (42.0, 0.0)
+    # np.std (ddof=0), the paper's: sqrt(((10-30)^2 + (20-30)^2 + (60-30)^2) / 3)
+    assert ev.mean_std([10.0, 20.0, 60.0], population=True) == (30.0, pytest.approx(21.602469, rel=1e-6))
+    assert ev.mean_std([75.0, 25.0], population=True) == (50.0, 25.0)
+    assert ev.apply_protocol(ev.EvalConfig(model="m", protocol="paper")).std == "population"
+    assert ev.apply_protocol(ev.EvalConfig(model="m")).std == "sample"
 
 # -----------------------------------------------------------------------------
 # The core with fakes: problem "p" has a fixed correctness pattern per seed (call) and sample.
@@ -109,8 +113,15 @@ def test_core_metrics_end_to_end_with_fakes():
     assert results["avg"]["per_seed"] == [87.5, 62.5]
     assert results["avg"]["mean"] == 75.0 and results["avg"]["std"] == pytest.approx(17.6777, rel=1e-5)
 
+    # the first sample alone: b1 seed 0 -> both problems right (100), seed 1 -> one of two (50)
+    assert b1["first_sample"]["per_seed"] == [100.0, 50.0] and b1["first_sample"]["mean"] == 75.0
     table = ev.markdown_table({setup.name: results}, [setup], ["b1", "b2"], "tiny")
-    assert "| 50.0 ± 35.4 | 100.0 ± 0.0 | 75.0 ± 17.7 |" in table
+    assert table.splitlines()[0] == "| Setup | b1 | b1 1st | b2 | b2 1st | Avg. |"
+    assert "| 50.0 ± 35.4 | 75.0 ± 35.4 | 100.0 ± 0.0 | 100.0 ± 0.0 | 75.0 ± 17.7 |" in table
+    assert "sample std (n-1)" in table
+    paper = ev.summarize(records, [setup.name], ["b1", "b2"], population=True)
+    assert paper[setup.name]["benchmarks"]["b1"]["std"] == 25.0
+    assert "population std (n, np.std" in ev.markdown_table(paper, [setup], ["b1", "b2"], "tiny", population=True)
 
 
 def test_ranks_split_problems_and_agree_with_one_process():
@@ -161,6 +172,43 @@ def test_setups_and_paper_protocol(tmp_path):
         ev.apply_protocol(ev.EvalConfig(model="m", protocol="nope"))
 
 
+def test_run_directories_and_their_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dict(adapter="steering", lr=1e-3)))
+    for name in ("steering.safetensors", "steering-step2.safetensors", "steering-step10.safetensors",
+                 "steering-step4.safetensors"):
+        (run / name).touch()
+    pick = lambda which: ev.make_setups(ev.apply_protocol(ev.EvalConfig(model="m", steering=str(run),
+                                                                        checkpoints=which)))
+    assert [(s.name, s.step) for s in pick("last")] == [("base", None), (str(run / "steering.safetensors"), 10)]
+    assert [s.step for s in pick("all")[1:]] == [2, 4, 10]  # oldest first, by number not by name
+    assert [s.step for s in pick("10,2")[1:]] == [10, 2]
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step\(s\) \[3\]; it has \[2, 4, 10\]"):
+        pick("3")
+    with pytest.raises(ValueError, match="--checkpoints 'latest'"):
+        pick("latest")
+    # best: the highest Avg. among the run's rows, never the base row
+    setups = pick("best")
+    results = {s.name: dict(avg=dict(mean=m)) for s, m in zip(setups, [90.0, 10.0, 30.0, 20.0])}
+    assert ev.best_checkpoints(results, setups) == {str(run): str(run / "steering-step4.safetensors")}
+
+
+def test_length_caps_follow_the_context_and_the_paper():
+    plain = ev.apply_protocol(ev.EvalConfig(model="m"))
+    assert (ev.resolve_lengths(plain, 4096).max_len, ev.resolve_lengths(plain, 4096).max_new_tokens) == (4096, 4096)
+    assert ev.completion_budgets(ev.resolve_lengths(plain, 4096), [[1] * 600, [1] * 10]) == [3496, 4086]
+    paper = ev.apply_protocol(ev.EvalConfig(model="m", protocol="paper"))
+    assert ev.resolve_lengths(paper, 4096).max_len == 4096  # Qwen2.5-Math: its 4K context
+    assert ev.resolve_lengths(paper, 131072).max_len == 32768  # Llama-3.1: the paper's 32K cap
+    capped = ev.resolve_lengths(paper, 131072)
+    assert ev.completion_budgets(capped, [[1] * 768]) == [32768 - 768]
+    small = ev.resolve_lengths(ev.apply_protocol(ev.EvalConfig(model="m", max_new_tokens=100, max_len=512)), 4096)
+    assert ev.completion_budgets(small, [[1] * 500, [1] * 20, [1] * 600]) == [12, 100, 0]
+    with pytest.raises(ValueError, match="beyond the model's context of 4096"):
+        ev.resolve_lengths(ev.apply_protocol(ev.EvalConfig(model="m", max_len=8192)), 4096)
+
+
 def test_cli_flags_are_the_config_fields(capsys):
     cfg = ev.parse_args(["--model", "m", "--samples", "4", "--no-base", "--temperature", "0.7",
                          "--max-new-tokens", "16", "--steering-scale", "2"])
@@ -174,19 +222,6 @@ def test_cli_flags_are_the_config_fields(capsys):
 
 # -----------------------------------------------------------------------------
 # End to end: tiny random model, real tokenizer and problems, base + steered.
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory):
-    tok_dir = TOKENIZERS / "qwen2.5"
-    if not (tok_dir / "tokenizer.json").is_file():
-        pytest.skip(f"{tok_dir} is absent (the shared tokenizers)")
-    folder = tmp_path_factory.mktemp("tiny_tok")
-    # the real tokenizer needs the real vocabulary (151,936 rows); a tiny width keeps it cheap
-    write_checkpoint(folder, "qwen2-tied", vocab_size=151936, hidden_size=16, intermediate_size=32)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, folder / name)
-    return folder
 
 
 def test_end_to_end_tiny_model(tiny_with_tokenizer, tmp_path, capsys):
@@ -220,7 +255,7 @@ def test_end_to_end_tiny_model(tiny_with_tokenizer, tmp_path, capsys):
     assert len(steered["benchmarks"]["math500"]["per_seed"]) == 2
 
     table = (out / "results.md").read_text()
-    assert table.splitlines()[0] == "| Setup | MATH500 | Avg. |"
+    assert table.splitlines()[0] == "| Setup | MATH500 | MATH500 1st | Avg. |"  # avg@2: the first sample too
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3  # header + 2 setups
     assert table in capsys.readouterr().out
 
@@ -242,3 +277,35 @@ def test_torchrun_two_ranks_match_one_process(tiny_with_tokenizer, tmp_path):
                 for d in ("one", "two")]
     assert len(two) == 5 and two == one  # same rows, same order (rank 0 sorts what it gathers)
     assert (tmp_path / "two" / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
+
+
+def test_lora_files_and_full_folders_are_rows_and_the_base_comes_back(tiny_with_tokenizer, tmp_path):
+    """Any adapter is a row: a LoRA file, a full fine-tuning folder. A full row changes the base
+    weights in place; the rows after it must see the base again (here: the LoRA row equals the
+    same LoRA evaluated alone)."""
+    if not (DATA_DIR / "gsm8k_test.jsonl").is_file():
+        pytest.skip(f"{DATA_DIR}/gsm8k_test.jsonl is absent (the shared data)")
+    model = M.Transformer.from_pretrained(tiny_with_tokenizer)
+    torch.manual_seed(0)
+    model.set_adapter("lora", lora_rank=2)
+    with torch.no_grad():
+        model.adapter.lora_B.normal_(0, 30.0)  # large: the tiny model's logits are dominated by its embedding
+    model.save_adapter(tmp_path / "lora.safetensors")
+    model.set_adapter("full")
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        model.norm.weight.copy_(3 * torch.randn_like(model.norm.weight))  # fp32: the weights train themselves
+    model.trainable_to_weights()
+    model.save_adapter(tmp_path / "full")
+    common = ["--model", str(tiny_with_tokenizer), "--bench", "gsm8k", "--limit", "3", "--max-new-tokens", "6",
+              "--data-dir", str(DATA_DIR), "--grade-workers", "1", "--dtype", "float32", "--device", "cpu"]
+    ev.main(common + ["--steering", f"{tmp_path / 'full'},{tmp_path / 'lora.safetensors'}",
+                      "--out", str(tmp_path / "all")])
+    ev.main(common + ["--no-base", "--steering", str(tmp_path / "lora.safetensors"), "--out", str(tmp_path / "alone")])
+    rows = [json.loads(line) for line in (tmp_path / "all" / "samples.jsonl").read_text().splitlines()]
+    alone = [json.loads(line) for line in (tmp_path / "alone" / "samples.jsonl").read_text().splitlines()]
+    by_setup = {s: [r["completion"] for r in rows if r["setup"] == s] for s in dict.fromkeys(r["setup"] for r in rows)}
+    assert list(by_setup) == ["base", str(tmp_path / "full"), str(tmp_path / "lora.safetensors")]
+    assert by_setup[str(tmp_path / "lora.safetensors")] == [r["completion"] for r in alone]
+    assert by_setup[str(tmp_path / "full")] != by_setup["base"] != by_setup[str(tmp_path / "lora.safetensors")]

@@ -207,7 +207,7 @@ def test_only_steering_gets_gradient(tiny_qwen):
     model = M.Transformer.from_pretrained(tiny_qwen)
     assert model.steering.requires_grad and model.steering.dtype == torch.float32
     assert not model.steering.any()  # zeros at init
-    frozen = [p for n, p in model.named_parameters() if n != "steering"]
+    frozen = [p for n, p in model.named_parameters() if not n.startswith("adapter.")]
     assert frozen and not any(p.requires_grad for p in frozen)
     logits = model(tokens(T=20))
     F.cross_entropy(logits.flatten(0, 1), tokens(T=20, seed=3).flatten()).backward()
@@ -276,7 +276,7 @@ def test_sharded_checkpoint(tmp_path):
 def test_dtypes(tmp_path, monkeypatch):
     _, bf16 = saved(tmp_path / "bf16", "qwen2-untied", dtype=torch.bfloat16)
     model = M.Transformer.from_pretrained(bf16)  # dtype=None: the config's
-    assert {p.dtype for n, p in model.named_parameters() if n != "steering"} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.named_parameters() if not n.startswith("adapter.")} == {torch.bfloat16}
     assert model.steering.dtype == torch.float32 and model.inv_freq.dtype == torch.float32
 
     _, fp32 = saved(tmp_path / "fp32", "qwen2-untied")
@@ -292,8 +292,8 @@ def test_dtypes(tmp_path, monkeypatch):
     model = M.Transformer.from_pretrained(fp32, dtype="bfloat16")
     assert built_on == ["meta"]  # constructed without allocating, then filled tensor by tensor
     params = dict(model.named_parameters())
-    assert {p.dtype for n, p in params.items() if n != "steering"} == {torch.bfloat16}
-    assert params["steering"].dtype == torch.float32
+    assert {p.dtype for n, p in params.items() if not n.startswith("adapter.")} == {torch.bfloat16}
+    assert params["adapter.steering"].dtype == torch.float32
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     with torch.no_grad():
         assert model(tokens(T=8)).dtype == torch.bfloat16

@@ -10,12 +10,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import DATA_DIR
-from math_verify import parse
+from math_verify import parse, verify
 
 import reward
 
@@ -39,6 +40,14 @@ def other_answers(answers: list[str]) -> list[str]:
             j = (j + 1) % len(answers)
         out.append(answers[j])
     return out
+
+
+def paper_grade(gold: str, pred: str) -> bool:
+    """The reference: the paper's grading, math-verify called directly with its defaults (LaTeX and
+    plain-expression extraction) on `\\boxed{gold}` and the completion's last box; only its time
+    limits are raised from 5 s, so that a busy machine cannot turn a slow item into a timeout."""
+    gold, pred = (parse("\\boxed{" + s + "}", parsing_timeout=60) for s in (gold, pred))
+    return bool(verify(gold, pred, timeout_seconds=60))
 
 
 def children() -> set[int]:
@@ -107,31 +116,34 @@ def test_extract_boxed_reproduces_math_train_answers():
 # cheap decisions in the parent
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("$\\left( 1, 2 \\right)$", "(1,2)"),
-    ("\\dfrac{1}{2}", "\\frac{1}{2}"),
-    ("\\tfrac12.", "\\frac12"),
-    ("1,000,000", "1000000"),
-    ("(1,000)", "(1,000)"),  # only a bare integer loses its commas
-    ("\\text{13}", "13"),
-    ("5\\!\\,\\;000", "5000"),
-    ("x \\rightarrow 3", "x\\rightarrow3"),  # \right inside \rightarrow stays
-])
-def test_normalize(raw, expected):
-    assert reward.normalize(raw) == expected
-
-
 @pytest.mark.parametrize("pred, answer, verdict, reason", [
     (None, "3", False, "no_box"),
     ("", "3", False, "empty"),
+    (" ", "3", False, "empty"),
     ("5", "", False, "empty"),
-    ("$1,000$", "1000", True, "string_match"),
+    (" 12 ", "12", True, "string_match"),
+    ("x^2+1", "x^2+1", True, "string_match"),
+    ("1,000", "1000", True, "numbers"),
+    ("1000", "1,000,000", False, "numbers"),
     ("025", "25", True, "numbers"),  # AIME zero padding
     ("0.5", "\\frac{1}{2}", True, "numbers"),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}", True, "numbers"),
     ("3/4", "\\frac34", True, "numbers"),
     ("-7", "7", False, "numbers"),
     ("0.333333", "\\frac{1}{3}", None, "needs_verify"),  # close: math-verify's rounding decides
     ("\\sqrt{2}", "2", None, "needs_verify"),
+    ("$1,000$", "1000", None, "needs_verify"),  # no rewriting: math-verify says what $...$ means
+    ("\\text{13}", "13", None, "needs_verify"),
+    ("12.", "12", None, "needs_verify"),
+    # issue 14: never merged into one number (math-verify reads 3, {1, 234}, 5, 9, {1, 23}, ...)
+    ("1 2", "12", None, "needs_verify"),
+    ("1, 234", "1234", None, "needs_verify"),
+    ("2\\,3", "23", None, "needs_verify"),
+    ("4\\ 5", "45", None, "needs_verify"),
+    ("1,23", "123", None, "needs_verify"),
+    ("5\\;000", "5000", None, "needs_verify"),
+    ("5~000", "5000", None, "needs_verify"),
+    ("0,111", "111", None, "needs_verify"),  # a decimal comma to math-verify
     ("(" * 11 + "1" + ")" * 11, "1", False, "implausible"),
     ("1+" * 600 + "1", "1", False, "implausible"),
 ])
@@ -140,23 +152,22 @@ def test_decide_cheap(pred, answer, verdict, reason):
 
 
 def test_number_decisions_agree_with_math_verify():
-    # every pair the parent settles by value must get the same verdict from math-verify itself
+    # every pair the parent settles by value must get the same verdict from the paper's grading
     rng = random.Random(0)
     forms = ["0", "7", "-7", "025", "12", "0.5", ".5", "2.5", "-0.25", "\\frac{1}{2}", "\\frac12", "\\frac{5}{2}",
-             "-\\frac{3}{4}", "3/4", "100", "99.99", "1.0001", "1000000"]
+             "\\dfrac{5}{2}", "-\\frac{3}{4}", "3/4", "100", "99.99", "1.0001", "1000000", "1,000,000", "1,000",
+             "1000.0", "12,345", "-1,000"]
     pairs = [(a, b) for a in forms for b in forms]
     decided = [(p, g, reward.decide_cheap(p, g)) for p, g in rng.sample(pairs, 120)]
     decided = [(p, g, v) for p, g, (v, why) in decided if why == "numbers"]
     assert len(decided) > 80 and {v for _, _, v in decided} == {True, False}
-    golds = {}
     for p, g, v in decided:
-        assert reward.judge(p, g, golds)[0] == v, (p, g)
+        assert paper_grade(g, p) == v, (p, g)
 
 
 def test_integer_fast_parse_matches_math_verify():
-    config = reward._LATEX_ONLY
-    for s in ["0", "7", "-3", "007", "123456789012345678901234567890"]:
-        assert reward._parse_box(s) == parse("\\boxed{" + s + "}", extraction_config=config, parsing_timeout=None)
+    for s in ["0", "7", "-3", "007", "-007", "123456789012345678901234567890"]:
+        assert reward._parse_box(s) == parse("\\boxed{" + s + "}")  # the paper's call, its defaults
 
 
 @needs_data
@@ -166,6 +177,167 @@ def test_every_gold_passes_the_plausibility_guards():
                  "olympiadbench.jsonl", "aime24.jsonl", "aime25.jsonl", "amc23.jsonl"]:
         for r in load(name):
             assert reward.decide_cheap(r["answer"] + " ", r["answer"])[1] != "implausible", (name, r["id"])
+
+
+# -----------------------------------------------------------------------------
+# agreement with the paper's grading (issue 14): whatever the parent decides, math-verify decides
+# the same; through the workers, the score equals paper_grade except where the paper's
+# plain-expression parser (left out: it eval()s) reads what LaTeX parsing does not.
+
+# Math-Verify's own test files (huggingface/Math-Verify tests/test_all.py, test_mixed_number_extraction.py),
+# each case reduced to (gold, prediction) box contents.
+MATH_VERIFY_CASES = [
+    # test_number_extraction
+    ("-5", "-5"), ("7425000", "7,425,000"), ("1000", "1 000"), ("1000", "1000.0"), ("1000.0", "1,000.0"),
+    ("1000.99", "1000,99"), ("1,22", "1.22"), ("0.4", ".4"), ("1000.99", "1,000.99"), ("1000.99", "\\$1,000.99"),
+    ("1000.99", "1,000.99\\$"), ("1000.99", "1,000.99m^2"), ("0,111", "0.111"), ("2", "AZYUK2A"),
+    # test_simple_fraction_notation
+    ("10/9", "\\frac{10}{9}"), ("-10/9", "-\\frac{10}{9}"),
+    # test_sets_handling
+    ("[0,1)", "[0,1)"), ("[0,9)", "[0,1)"), ("(0,9)", "[0,9)"), ("1", "-[0,1)"),
+    # test_latex_notation
+    ("9", " 9 "), ("10", "(9+1)"), ("10/9", "\\frac{10}{9}"), ("1/3", "\\frac13 "), ("1", "\\frac3{3} "),
+    ("\\sqrt{3}", "\\sqrt3 "), ("1/3", "\\cfrac{1}{3} "), ("1/3", "\\dfrac{1}{3} "), ("1/3", "\\tfrac{1}{3} "),
+    ("1/3", " 1/3 "), ("1/3", "\\left( \\frac{1}{3} \\right)"), ("1/3", "\\frac{1}{3} \\text{meters}"),
+    ("1/3", "\\frac{1}{3} \\textbf{meters}"), ("1/3", "k = \\frac{1}{3}"),
+    # test_percent_notation
+    ("28\\%", "28 percent"), ("28\\%", "28 pct"), ("28\\%", "28 %"), ("28\\%", "28 percentage"), ("28\\%", "28"),
+    ("0.28", "28"), ("28/100", "28"), ("28", "28/100"), ("\\frac{28}{100}", "28"), ("28*\\frac{1}{100}", "28"),
+    # test_latex_notation_math
+    ("2-2p", "2-2p"),
+    ("\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}", "\n\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}\n"),
+    ("28\\%", "28\\%"), ("14{,}916", "14 {, }916"), ("12\\text{ and }13", "12 $ and $13 "),
+    ("(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"), ("\\frac{14}{3}", "\\frac{14}{3}"),
+    ("\\text{Evelyn}", "\\text{Evelyn}"), ("90^\\circ", "90^\\circ"), ("3\\sqrt{13}", "3\\sqrt{13}"),
+    ("\\frac{3}{56}", "\\frac{3}{56}"), ("15\\mbox{ cm}^2", "15\\mbox{ cm}^2"), ("-2,1", "-2,1"), ("0", "0"),
+    ("204_5", "204_5"), ("(6,31,-1)", "(6,31,-1)"), ("1 \\pm \\sqrt{19}", "1 \\pm \\sqrt{19}"),
+    ("3 \\pm 2 \\sqrt{2}", "3 \\pm 2 \\sqrt{2}"), ("\\{1\\pm\\sqrt{5},-2\\}", "\\{1\\pm\\sqrt{5},-2\\}"),
+    ("f(2) < f(1) < f(4)", "f(2) < f(1) < f(4)"), ("2 \\sin b \\cos a", "2 \\sin b \\cos a"),
+    ("\\frac{\\pi r}{h+r}", "\\frac{\\pi r}{h+r}"), ("125 miles", "125\\textnormal{ miles}"),
+    ("[-1, -\\frac{1}{2}) \\cup (-\\frac{1}{2}, 0) \\cup (0, 1) \\cup (1, \\infty)",
+     "[-1, -\\tfrac12) \\cup (-\\tfrac12, 0) \\cup (0, 1) \\cup (1, \\infty)"),
+    ("\\sqrt{2}+\\sqrt{5}", "\\sqrt 2+\\sqrt 5"), ("\\frac{9}{4}\\pi", "\\frac94\\pi"),
+    ("\\{-1\\} \\cup [0,7)", "\\{-1\\} \\cup [0,7)"),
+    # test_relations_math
+    ("x >= 5", "x \\geq 5"), ("x < 3", "x \\lt 3"), ("x \\leq 2", "x <= 2"), ("x > 5", "x \\gt 5"),
+    ("x != 3", "x \\neq 3"), ("x > 5", "x < 5"), ("x \\geq 5", "x \\leq 5"), ("x \\neq 5", "x != 5"),
+    ("x \\leq 5", "5 \\geq x"), ("x \\geq 5", "5 \\leq x"), ("x = 11", "x = 5+5+1 = 7 =11"), ("7 = 11a+c", "11a+c"),
+    ("x = 1/3", "x = 5+5+1 = 1/3 \\approx 11"), ("11", "x=11"), ("11", "x\\approx11"), ("1/3", "x=1/3\\approx1.3"),
+    ("x < 1", "-x > -1"), ("x < 1", "x > -1"), ("x <= 1", "-x >= -1"), ("a +3z = 0", "0"),
+    ("1 = \\zzz = x = 0", "0"), ("2x + z = 1", "1"), ("a^2 + b = 0", "0"), ("k=1", "1"), ("1", "k=1"),
+    ("z = 1 + 1 = 2", "z = 3+3 = 2"), ("2x+4y-3=0", "y=-\\frac{1}{2}x+\\frac{3}{4}"),
+    ("x^2/4 + y^2/3 = 1", "x^2/16 + y^2/12 = 1/4"),
+    # test_matrix_extraction
+    ("\\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix}", " \\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix} "),
+    ("\\begin{bmatrix}0 & 0 \\\\0 & 0\\end{bmatrix}", " \\begin{pmatrix}0 & 0 \\\\0 & 0\\end{pmatrix} "),
+    ("\\begin{pmatrix}1 & 2 \\\\3 & 4\\end{pmatrix}", " \\left[\\begin{array}{cc}1 & 2 \\\\3 & 4\\end{array}\\right] "),
+    ("\\begin{pmatrix}\\frac{1}{2} & \\frac{3}{4} \\\\ \\frac{5}{6} & \\frac{7}{8}\\end{pmatrix}",
+     " \\begin{pmatrix}\\frac{1}{2} & \\frac{3}{4} \\\\ \\frac{5}{6} & \\frac{7}{8}\\end{pmatrix} "),
+    ("\\begin{pmatrix}6 & 8 \\\\ 10 & 12\\end{pmatrix}",
+     "\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix} + \\begin{pmatrix}5 & 6 \\\\ 7 & 8\\end{pmatrix}"),
+    ("\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix}", "\\begin{pmatrix}1 & 2 \\\\ 3 & 5\\end{pmatrix}"),
+    # test_complex_math_expressions (the qwen parser's cases)
+    ("\\frac{1}{12}", "0.0833333333333333"), ("(1,\\frac{9}{2})", "(1,4.5)"),
+    ("\\frac{x+2}{7}", "\\frac{x}{7}+\\frac{2}{7}"), ("\\tan^2(y)+1", "\\sec^2(y)"),
+    ("34x+45y-20z+100=0", "-34x-45y+20z-100=0"),
+    ("\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{15+2\\sqrt{33}}",
+     "\\frac{\\sqrt{\\sqrt{11}+\\sqrt{194}}}{2\\sqrt{33}+15}"),
+    ("(a+5)(b+2)", "(+5)(b+2)"), ("2", "\\frac{1+\\sqrt{5}}{2}"), ("4", "\\frac{34}{16}+\\frac{\\sqrt{1358}}{16}"),
+    ("1\\sqrt{19}", "1"), ("x+2n+1", "x+1"),
+    # test_math_extraction_edge_cases, test_math_extraction_additional_cases
+    ("2/3", "2/3"), ("12", "12"), ("(7,6)", "(7, 6)"), ("[0,1)", "(0, 1)"),
+    ("[-3,2]", "(-\\infty, -3] \\cup [2, \\infty)"),
+    ("16386.20", "\\$16,\\!386.20"), ("120", "120"), ("12000023", "12,\\!000,\\!023"), ("14916", "14{,}916"),
+    ("\\left(\\frac{1}{5},\\frac{1}{6}\\right)", "\\left( \\frac{1}{5}, \\frac{1}{6} \\right)"),
+    ("\\frac{5\\sqrt{42}}{27}", "\\frac{10\\sqrt{10.5}}{27}"), ("16386.17", "\\$16386.17"), ("20", "20 \\%"),
+    ("[-2, 7]", "x \\in [-2,7]"), ("(\\tfrac{27}{8},\\tfrac{15}{8})", "(0, 0)"), ("34", "34"),
+    ("\\left( \\frac{4}{3}, -\\frac{1}{3} \\right)", "\\left( \\frac{4}{3}, -\\frac{1}{3} \\right)"),
+    ("(3,1)", "{1,3}"), ("(1,3)", "{1,3}"), ("100\\%", "100\\%"), ("16386.16", "16386.16"), ("5866608", "5866608"),
+    ("20\\%", "20\\%"), ("7.78", "7.78"), ("100", "100"), ("x-2y+z-1=0", "x-2y+z-1=0"), ("10455", "10,455"),
+    ("[-4,0]", "[-4, 0]"), ("(-6, 10)", "(-6, 10)"), ("1112112_3", "1112122_3"), ("\\text{C}", "\\text{(C)}"),
+    ("11111111100", "11,\\! 111,\\! 111,\\! 100"), ("32349", "32,\\! 349"), ("32349", "32, 349"),
+    ("(2, 12) \\cup (12, 102)", "(2,12) \\cup (12,102)"), ("\\text{E}", "E"), ("1,-2", "-2"), ("1,2", "1,2"),
+    # test_set_rel_assymetry, test_float_precision, test_sqrt_precision, test_symbols
+    ("-2 \\le x \\le 7", "x \\in [-2,7]"), ("x \\in [-2,7]", "-2 \\le x \\le 7"),
+    ("4.123105625617661", "\\sqrt{17}"), ("4", "4\\sqrt{2}"), ("\\text{13}", "13"),
+    # test_trailing_punctuation
+    ("\\frac{1}{3}", "\\frac{1}{3}."), ("\\frac{1}{3}", "\\frac{1}{3},"), ("\\frac{1}{3}", "\\frac{1}{3} ."),
+    ("\\sqrt{2}", "\\sqrt{2}."), ("(1,2)", "(1,2)."), ("5", "5 \\text{ cm}."), ("42", "42."), ("2", "2^{10}."),
+    ("1", "1/3."), ("1, 2, 3", "1, 2, 3, ..."),
+    # test_mixed_number_extraction
+    ("40/9", "4 4/9"), ("-40/9", "-4 4/9"), ("71/6", "11 5/6"), ("4", "4 4/9"), ("4/9", "0 4/9"), ("4", "4 0/9"),
+    ("9004/9", "1 000 4/9"), ("103/9", "11 + 4/9"), ("95/9", "11 - 4/9"), ("139/90", "11/10 4/9"),
+    ("103/9", "11.0 4/9"), ("40/900", "4 4/9\\%"), ("1000", "1 000"), ("5", "\\$5.00"), ("7/25", "28\\%"),
+    ("2", "4 4/9 2"),
+]
+
+# Digits that a string normaliser would merge into one number but math-verify does not (issue 14).
+SEPARATOR_CASES = [
+    ("12", "1 2"), ("3", "1 2"), ("1234", "1, 234"), ("23", "2\\,3"), ("5", "2\\,3"), ("45", "4\\ 5"), ("9", "4\\ 5"),
+    ("123", "1,23"), ("1234", "1\\;234"), ("1234", "1~234"), ("1234", "1\\!234"), ("1234", "1\\:234"),
+    ("1234", "1\\quad 234"), ("12345", "12 345"), ("1234", "1{,}234"), ("1234", "1,\\!234"), ("1234", "1\\,234"),
+    ("1234", "1,234"), ("1234", "1.234"), ("1,234", "1234"), ("1234567", "1,234,567"), ("1234567", "1,234567"),
+    ("1234567", "1,23,4567"), ("12", "1\n2"), ("12", "1\\\\2"), ("5000", "5\\!\\,\\;000"), ("0.111", "0,111"),
+    ("111", "0,111"), ("12", "12."), ("12.", "12"), ("-12", "- 12"), ("12", "+12"), ("1000", "1 000"),
+]
+
+
+def perturb(gold: str) -> list[str]:
+    """Predictions a model might box for `gold`: the forms issue 14 lists (spacing, commas, \\,,
+    \\dfrac, units, \\text{}, percent, degrees, trailing period), right and wrong."""
+    out = [gold, f" {gold} ", gold + ".", f"\\text{{{gold}}}", gold + "\\text{ cm}", gold + " \\text{ meters}",
+           gold + "\\%", gold + "^\\circ", gold + "^{\\circ}", f"${gold}$", gold.replace(" ", ""),
+           re.sub(r"([+=,])", r" \1 ", gold)]
+    if "\\frac" in gold:
+        out.append(gold.replace("\\frac", "\\dfrac"))
+    if "\\dfrac" in gold:
+        out.append(gold.replace("\\dfrac", "\\frac"))
+    m = re.fullmatch(r"(-?)(\d+)", gold)
+    if m:
+        sign, digits = m.groups()
+        out += [sign + str(int(digits) + 1), sign + digits + ".0", sign + "0" + digits]
+        if len(digits) >= 2:  # one digit, then a separator, then the rest
+            out += [sign + digits[0] + sep + digits[1:] for sep in (" ", ", ", ",", "\\,", "\\ ", "\\;", "~", "\\!")]
+        if len(digits) >= 4:  # proper thousands groups, in the ways LaTeX writes them
+            head = len(digits) % 3 or 3
+            groups = [digits[:head]] + [digits[i:i + 3] for i in range(head, len(digits), 3)]
+            out += [sign + sep.join(groups) for sep in (",", "{,}", ",\\!", "\\,", " ", ", ")]
+    return list(dict.fromkeys(p for p in out if p.strip() != "" or p == gold))
+
+
+def test_score_agrees_with_the_papers_grading_on_math_verifys_own_cases():
+    cases = MATH_VERIFY_CASES + SEPARATOR_CASES
+    # the reference grades beside the pool's workers (half the wall time); a long limit, so that a
+    # busy machine cannot turn a slow item into a timeout
+    with mp.get_context("fork").Pool(1) as reference, reward.RewardPool(workers=2, timeout=60.0) as pool:
+        papers = reference.starmap_async(paper_grade, cases)
+        got = pool.score_batch(["The answer is $\\boxed{" + p + "}$." for _, p in cases], [g for g, _ in cases])
+        papers = papers.get(timeout=300)
+        stats = pool.stats
+    assert [(g, p, s) for (g, p), s, ok in zip(cases, got, papers) if (s == 1.0) != ok] == []
+    decided = [reward.decide_cheap(p, g)[0] for g, p in cases]
+    assert sum(d is not None for d in decided) > 40 and {1.0, 0.0} <= set(got)  # both paths really ran
+    assert stats["verified"] > 100 and stats["timeouts"] == 0
+
+
+@needs_data
+def test_cheap_decisions_agree_with_the_papers_grading_on_real_golds():
+    # real MATH / GSM8K golds against perturbed predictions: every pair the parent settles
+    rng = random.Random(0)
+    golds = rng.sample([r["answer"] for r in load("math500.jsonl")], 60) + \
+        rng.sample([r["answer"] for r in load("gsm8k_test.jsonl")], 60)
+    cases = [(g, p) for g in dict.fromkeys(golds) for p in perturb(g)]
+    decided = [(g, p, v) for g, p in cases for v, _ in [reward.decide_cheap(p, g)] if v is not None]
+    assert len(cases) > 1200 and len(decided) > 250 and {v for *_, v in decided} == {True, False}
+    assert [(g, p, v) for g, p, v in decided if paper_grade(g, p) != v] == []
+
+
+def test_the_one_known_departure_from_the_papers_grading(pool):
+    # "x=5." is no LaTeX expression (the period), but the paper's plain-expression parser reads 5 in it;
+    # reward.py leaves that parser out (sympy's parse_expr eval()s), so this prediction scores 0.
+    assert paper_grade("x=5", "x=5.")
+    assert not [g for g in reward._parse_box("x=5.") if not isinstance(g, str)]  # LaTeX alone: text only
+    assert pool.score_batch(["\\boxed{x=5.}"], ["x=5"]) == [0.0]
 
 
 # -----------------------------------------------------------------------------
@@ -210,14 +382,16 @@ def test_known_misgrade_factorials(pool):
     assert pool.score_batch(["\\boxed{\\frac{1}{2006!}}"], ["\\frac{1}{2004!}"]) == [1.0]
 
 
-def test_unparsable_gold_falls_back_to_strings(pool, caplog):
-    # a real MATH gold that math-verify turns into no sympy object (its unit stripping eats b and c)
+def test_gold_math_verify_cannot_parse_is_compared_as_text(pool, caplog):
+    # a real MATH gold that math-verify turns into no sympy object (its unit stripping eats b and c):
+    # verify then compares its text fallbacks, so only the same text scores, as in the paper's grading
     gold = "a + b + c"
     assert not [g for g in reward._parse_box(gold) if not isinstance(g, str)]
-    got = pool.score_batch(["\\boxed{c+b+a}", "\\boxed{a+b}", "\\boxed{a+b+c}"], [gold] * 3)
-    assert got == [0.0, 0.0, 1.0]  # only the string comparison can say yes
-    assert pool.stats["gold_unparsed"] == 2 and pool.stats["string_match"] == 1
-    assert caplog.text.count("cannot parse gold answer 'a + b + c'") == 1  # logged once per answer
+    preds = ["c+b+a", "a+b", "a+b+c", "a + b + c"]
+    got = pool.score_batch([f"\\boxed{{{p}}}" for p in preds], [gold] * len(preds))
+    assert got == [float(paper_grade(gold, p)) for p in preds] == [0.0, 0.0, 0.0, 1.0]
+    assert pool.stats["gold_unparsed"] == 3 and pool.stats["string_match"] == 1
+    assert caplog.text.count("parses gold answer 'a + b + c' into no expression") == 1  # logged once per answer
 
 
 def test_bad_arguments_name_the_problem(pool):
@@ -307,7 +481,7 @@ def hanging_judge(pred, answer, golds):
             pass
     if pred == "CRASH":
         os.kill(os.getpid(), signal.SIGKILL)
-    return reward.normalize(pred) == reward.normalize(answer) + "0", True  # a verdict only the worker gives
+    return pred == answer + "0", True  # a verdict only the worker gives
 
 
 def test_hung_worker_is_killed_and_the_rest_of_its_chunk_is_scored(monkeypatch):
@@ -316,9 +490,11 @@ def test_hung_worker_is_killed_and_the_rest_of_its_chunk_is_scored(monkeypatch):
     with reward.RewardPool(workers=1, timeout=1.0, start_method="fork") as pool:
         first = pool.start().pids()
         texts = ["\\boxed{HANG}", "\\boxed{a0}", "\\boxed{b}", "\\boxed{CRASH}", "\\boxed{c0}"]
-        golds = ["z", "a", "b1", "y", "c"]  # CRASH, HANG sort first: the only worker is lost twice
+        golds = ["z", "a", "b1", "y", "c"]  # CRASH, HANG sort first: the only worker is lost three times
         assert pool.score_batch(texts, golds) == [0.0, 1.0, 0.0, 0.0, 1.0]
-        assert pool.stats["timeouts"] == 1 and pool.stats["crashes"] == 1 and pool.stats["verified"] == 3
+        # CRASH kills a worker, is scored again, kills the fresh one: only then is it scored wrong
+        assert pool.stats["replaced"] == reward.MAX_DEATHS == 2 and pool.stats["crashes"] == 1
+        assert pool.stats["timeouts"] == 1 and pool.stats["verified"] == 3
         assert not Path(f"/proc/{first[0]}").exists()
         assert pool.pids() != first
         assert pool.score_batch(["\\boxed{d0}"], ["d"]) == [1.0]  # the replacement keeps working
@@ -333,6 +509,69 @@ def test_worker_that_died_while_idle_is_replaced(pool):
     cases = EQUIVALENT[:8]
     assert pool.score_batch([f"\\boxed{{{p}}}" for p, _ in cases], [g for _, g in cases]) == [1.0] * len(cases)
     assert victim not in pool.pids() and pool.stats["crashes"] == 0
+    assert pool.stats["replaced"] == 1 and pool.stats["rescored"] >= 1
+
+
+def roots(n: int) -> tuple[list[str], list[str], list[float]]:
+    """n distinct items that need math-verify, verdicts known: sqrt(k^2) is k, not k + 1."""
+    texts = [f"so $\\boxed{{\\sqrt{{{k * k}}}}}$" for k in range(2, n + 2)]
+    golds = [str(k if k % 3 else k + 1) for k in range(2, n + 2)]
+    return texts, golds, [0.0 if k % 3 == 0 else 1.0 for k in range(2, n + 2)]
+
+
+REAL_JUDGE = reward.judge
+
+
+def slow_judge(pred, answer, golds):
+    time.sleep(0.02)  # a batch long enough to be killed in the middle of, on any machine
+    return REAL_JUDGE(pred, answer, golds)
+
+
+def test_worker_killed_from_outside_is_replaced_and_its_items_scored_again(monkeypatch):
+    texts, golds, expected = roots(60)
+    with reward.RewardPool(workers=2, timeout=60.0) as calm:
+        assert calm.score_batch(texts, golds) == expected  # undisturbed
+    monkeypatch.setattr(reward, "judge", slow_judge)
+    before = children()
+    with reward.RewardPool(workers=2, timeout=60.0, start_method="fork") as pool:
+        victim = pool.start().pids()[0]
+
+        def kill_mid_batch():  # as the OOM killer would: SIGKILL, from another process's point of view
+            deadline = time.monotonic() + 60
+            while pool.stats["verified"] < 10 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            os.kill(victim, signal.SIGKILL)
+        killer = threading.Thread(target=kill_mid_batch)
+        killer.start()
+        got = pool.score_batch(texts, golds)
+        killer.join()
+        assert got == expected
+        # each item answered exactly once: what the victim had not answered, its replacement did
+        assert pool.stats["verified"] == len(texts)
+        assert pool.stats["replaced"] == 1 and pool.stats["rescored"] >= 1
+        assert pool.stats["timeouts"] == pool.stats["crashes"] == 0
+        assert victim not in pool.pids() and not Path(f"/proc/{victim}").exists()
+    assert children() <= before
+
+
+def test_workers_are_recycled_after_a_bounded_number_of_items():
+    with pytest.raises(ValueError, match="recycle_after must be >= 1"):
+        reward.RewardPool(recycle_after=0)
+    texts, golds, expected = roots(12)
+    before = children()
+    with reward.RewardPool(workers=1, timeout=60.0, recycle_after=3) as pool:
+        first = pool.start().pids()
+        assert pool.score_batch(texts, golds) == expected
+        # 12 items in 4 chunks of 3: the worker is replaced before each chunk after the first
+        assert pool.stats["verified"] == len(texts) and pool.stats["recycled"] == 3
+        assert pool.stats["replaced"] == pool.stats["timeouts"] == 0
+        assert not Path(f"/proc/{first[0]}").exists()  # a retired worker is gone, not leaked
+        texts, golds, expected = roots(16)
+        assert pool.score_batch(texts, golds) == expected  # 12 cached, 4 new in chunks of 1
+        # the worker (3 items) retires before the first chunk, its successor before the fourth
+        assert pool.stats["verified"] == 16 and pool.stats["recycled"] == 5
+    assert children() <= before
+    assert reward.RewardPool().recycle_after == reward.RECYCLE_AFTER == 2000
 
 
 def test_keyboard_interrupt_leaves_no_worker_behind(monkeypatch):
@@ -407,8 +646,8 @@ def test_math_train_solutions_against_own_and_other_answers(pool):
     own = pool.score_batch([r["solution"] for r in rows], [r["answer"] for r in rows])
     assert sum(own) / len(own) >= 0.995
     # All 12k against another answer send ~4700 items to math-verify, over a minute on 2 busy
-    # cores: a fixed seeded subset of 2000 rows keeps the test fast.
-    sample = random.Random(0).sample(rows, 2000)
+    # cores: a fixed seeded subset of 1000 rows keeps the test fast.
+    sample = random.Random(0).sample(rows, 1000)
     other = pool.score_batch([r["solution"] for r in sample], other_answers([r["answer"] for r in sample]))
     assert sum(other) / len(other) <= 0.01
     assert pool.stats["timeouts"] == 0

@@ -1,14 +1,20 @@
 """sample.py against references: naive full-recompute decoding with model.py, HF generate,
 model.py's log-softmax, the softmax distribution itself, and the sampler's PyTorch path for its
-Triton path (kernels run by the interpreter on CPU tensors; the kernels alone: test_kernels.py)."""
+Triton path (kernels run by the interpreter on CPU tensors; the kernels alone: test_kernels.py).
+The CLI (python sample.py) against HF generate on the chat prompt HF's own tokenizer renders."""
+import io
+import json
 import math
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import model as M
 import sample
-from conftest import hf_model, token_logprobs
+import data
+from conftest import REAL_MODELS, TOKENIZERS, hf_model, token_logprobs, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +290,175 @@ def test_per_prompt_budgets_equal_separate_calls(qwen):
     assert together[1][0].tokens == [] and together[1][0].finish_reason == "length"
     with pytest.raises(ValueError, match="budgets for 3 prompts"):
         sampler.generate(prompts, n=1, max_new_tokens=[4, 4])
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    """A tiny random model with the real Qwen2.5 tokenizer (so the real vocabulary: 151,936 rows).
+    Untied and 32 wide: its greedy text varies from token to token (tied tiny models repeat one)."""
+    tok_dir = TOKENIZERS / "qwen2.5"
+    if not (tok_dir / "tokenizer.json").is_file():
+        pytest.skip(f"{tok_dir} is absent (the shared tokenizers)")
+    folder = write_checkpoint(tmp_path_factory.mktemp("tiny_chat"), "qwen2-untied", vocab_size=151936,
+                              hidden_size=32, intermediate_size=64)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, folder / name)
+    return folder
+
+
+def hf_chat_greedy(folder, questions, max_new_tokens, dtype=torch.float32):
+    """HF transformers end to end: its tokenizer renders the chat template with the paper's system
+    prompt, its generate decodes greedily, stopping at the chat end tokens and never emitting the
+    embedding's padding rows past the tokenizer's vocabulary. Returns (tokens, text) per question."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    stop = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    out = []
+    for q in questions:
+        messages = [{"role": "system", "content": data.SYSTEM_PROMPT}, {"role": "user", "content": q}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            gen = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
+                              eos_token_id=stop, pad_token_id=stop[0],
+                              suppress_tokens=list(range(len(tok), hf.config.vocab_size)))[0, len(ids):].tolist()
+        out.append((gen, tok.decode(gen, skip_special_tokens=True)))
+    return out
+
+
+def test_cli_greedy_equals_hf_generate_on_the_chat_prompt(tiny_chat, capsys):
+    questions = ["What is 2+2?", "Name three colours."]
+    records = sample.main(["--model", str(tiny_chat), "--dtype", "float32", "--max-new-tokens", "12",
+                           "--kv-cache-tokens", "4096", *questions])
+    printed = capsys.readouterr().out
+    want = hf_chat_greedy(tiny_chat, questions, 12)
+    assert [r["tokens"] for r in records] == [tokens for tokens, _ in want]
+    assert want[0][0] != want[1][0]  # the two prompts really lead to different text
+    for i, (q, (_, text)) in enumerate(zip(questions, want)):
+        assert f"=== [{i + 1}/2] {q}\n--- base" in printed and f"---\n{text}\n" in printed
+
+
+def test_cli_side_by_side_raw_and_file_questions(tiny_chat, tmp_path, capsys):
+    """--steering none,FILE: base then steered per question, the steered one equal to naive greedy
+    decoding with the vector loaded; --raw encodes the text as is; questions come from JSONL."""
+    model = M.Transformer.from_pretrained(tiny_chat, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.steering.normal_(0, 1.0)
+    model.save_steering(tmp_path / "steering.safetensors")
+    questions = ["The capital of France is", "1, 2, 3,"]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(dict(problem=q, answer="x")) + "\n" for q in questions))
+    records = sample.main(["--model", str(tiny_chat), "--dtype", "float32", "--max-new-tokens", "8",
+                           "--kv-cache-tokens", "4096", "--raw", "--file", str(tmp_path / "q.jsonl"),
+                           "--steering", f"none,{tmp_path},none", "--steering-scale", "0.5", "--batch", "1"])
+    tok = data.Tokenizer.from_dir(tiny_chat)
+    steered = f"steered {tmp_path} (alpha 0.5)"
+    assert [(r["question"], r["setup"]) for r in records] == [(0, "base"), (0, steered), (1, "base"), (1, steered)]
+    for r in records:
+        prompt = tok.encode(questions[r["question"]])
+        model.steering_scale = 0.5 if r["setup"] != "base" else 0.0
+        assert r["tokens"] == naive_greedy(model, prompt, 8), r
+    assert records[0]["tokens"] != records[1]["tokens"]  # the vector changes the text
+    printed = capsys.readouterr().out
+    assert printed.index(f"--- base, truncated at 8 tokens, wrong: boxed None, answer 'x' ---") < printed.index(
+        f"--- {steered}, truncated") < printed.index("=== [2/2]")
+    assert "accuracy base: 0/2 = 0.0%" in printed
+
+
+class FakeTokenizer:
+    """Prompts are the question's characters; a completion decodes to the text its token ids spell."""
+    stop_token_ids = [0]
+
+    def encode_prompt(self, q):
+        return [ord(c) for c in q]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(map(chr, ids))
+
+
+class EchoSampler:
+    """Every completion is the question itself, so its \\boxed{} is known."""
+    def generate(self, prompts, n, **kw):
+        return [[sample.Completion(list(p), [0.0] * len(p), "stop") for _ in range(n)] for p in prompts]
+
+
+def test_cli_grades_with_the_reward_and_prints_accuracy():
+    args = sample.parse_cli(["--model", "m", "--n", "2", "x"])
+    questions = ["so \\boxed{4}", "so \\boxed{\\frac{1}{2}}", "no box"]
+    answers = ["4", "0.5", "3"]
+    lines = []
+    setups = [("base", torch.zeros(1))]
+    records = sample.generate_all(SimpleNamespace(steering=torch.ones(1)), EchoSampler(), FakeTokenizer(), args,
+                                  questions, answers, setups, emit=lines.append)
+    assert [r["reward"] for r in records] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert lines[1] == "--- base, sample 1/2, correct, answer '4' ---\nso \\boxed{4}"
+    assert lines[-1] == "--- base, sample 2/2, wrong: boxed None, answer '3' ---\nno box"
+    assert sample.accuracy_lines(records, setups) == ["accuracy base: 4/6 = 66.7%"]
+
+
+def test_cli_reads_questions_as_lines_or_jsonl():
+    assert sample.read_questions("a b\n\n c \n", "f") == [("a b", None), ("c", None)]
+    jsonl = '{"problem": "p1", "answer": 12}\n{"problem": "p2"}\n'
+    assert sample.read_questions(jsonl, "f") == [("p1", "12"), ("p2", None)]
+    with pytest.raises(ValueError, match="f line 2: a JSONL question needs a string 'problem'"):
+        sample.read_questions('{"problem": "p1"}\n{"question": "p2"}\n', "f")
+    with pytest.raises(ValueError, match="f line 1: not JSON"):
+        sample.read_questions('{"problem": \n', "f")
+
+
+def test_cli_questions_from_stdin(monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("q1\nq2\n"))
+    args = sample.parse_cli(["--model", "m", "--answer", "1", "--answer", "2"])
+    assert sample.gather_questions(args) == (["q1", "q2"], ["1", "2"])
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("argv, stdin, message", [
+    (["--model", "m"], Terminal(), "no question given"),
+    (["--model", "m"], io.StringIO(""), "no question given"),
+    (["--model", "m", "--file", "/nonexistent/q.txt"], None, "--file /nonexistent/q.txt: no such file"),
+    (["--model", "m", "--answer", "1", "q1", "q2"], None, "--answer given 1 times for 2 questions"),
+    (["--model", "m", "--n", "0", "q"], None, "--n must be >= 1, got 0"),
+    (["--model", "m", "--top-p", "0", "q"], None, "0 < --top-p <= 1"),
+    (["--model", "m", "--temperature", "x", "q"], None, "invalid float value: 'x'"),
+    (["--model", "m", "--dtype", "fp8", "q"], None, "invalid choice: 'fp8'"),
+    (["--model", "/nonexistent/model", "q"], None, "/nonexistent/model: not a checkpoint folder"),
+    (["q"], None, "the following arguments are required: --model"),
+])
+def test_cli_user_errors_are_one_line(argv, stdin, message, monkeypatch):
+    monkeypatch.setattr("sys.stdin", stdin or Terminal())
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(argv)
+    text = str(exit_.value.code)
+    assert message in text and "\n" not in text and text.startswith("sample.py: ")
+
+
+def test_cli_missing_steering_is_one_line(tiny_chat, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--model", str(tiny_chat), "--steering", f"none,{tmp_path}/nope.safetensors", "q"])
+    assert str(exit_.value.code) == f"sample.py: --steering: {tmp_path}/nope.safetensors is not a file " \
+                                    "(nor a hub repo 'org/name[:file]')"
+
+
+REAL_QWEN = REAL_MODELS / "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_QWEN / "model.safetensors").is_file(), reason=f"{REAL_QWEN} is absent")
+def test_cli_greedy_equals_hf_generate_real_qwen(capsys):
+    questions = ["What is 482 + 917?", "Is 91 a prime number?"]
+    records = sample.main(["--model", str(REAL_QWEN), "--dtype", "float32", "--max-new-tokens", "64",
+                           "--kv-cache-tokens", "4096", *questions])
+    want = hf_chat_greedy(REAL_QWEN, questions, 64)
+    assert [r["tokens"] for r in records] == [tokens for tokens, _ in want]
+    printed = capsys.readouterr().out
+    assert all(f"---\n{text}\n" in printed for _, text in want)

@@ -94,8 +94,19 @@ def test_refuses_a_non_empty_run_dir(tmp_path):
     assert proc.returncode != 0 and "remove ['lr']" in proc.stderr
 
 
-def test_two_ranks_equal_one_process(tmp_path):
-    args = [*SMALL, "--max-steps", "4", "--checkpoint-every", "2"]
+ADAPTERS = ["steering", "lora", "full"]
+
+
+def latest(run_dir, adapter) -> dict:
+    """The run's latest trainable tensors, whatever the adapter."""
+    if adapter == "full":
+        return load_file(str(Path(run_dir) / "full" / "model.safetensors"))
+    return load_file(str(Path(run_dir) / f"{adapter}.safetensors"))
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_two_ranks_equal_one_process(tmp_path, adapter):
+    args = [*SMALL, "--max-steps", "4", "--checkpoint-every", "2", "--adapter", adapter]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={free_port()}", TRAIN, *args, "--out-dir", str(tmp_path / "two")],
                          cwd=ROOT, capture_output=True, text=True, timeout=240, env=ENV)
@@ -105,15 +116,29 @@ def test_two_ranks_equal_one_process(tmp_path):
     # the same rollouts: the sampler's draws hang on the prompt's index within the step, not the rank
     for a, b in zip(one_rows, two_rows, strict=True):
         assert a["reward_mean"] == b["reward_mean"] and a["completion_len_mean"] == b["completion_len_mean"]
-    # both ranks hold the same vector (checked in the run at every checkpoint: 0.0 difference)
+    # both ranks hold the same adapter (checked in the run at every checkpoint: 0.0 difference)
     assert [r["rank_divergence"] for r in two_rows] == [None, 0.0, None, 0.0]
-    a, b = steering(tmp_path / "one"), steering(tmp_path / "two")
-    assert a.abs().max() > 0
-    assert (a - b).abs().max() <= 1e-6
+    # one all-reduce of 4 bytes per trainable number; steering keeps its per-layer norms
+    assert {r["bytes_allreduced"] for r in two_rows} == {4 * two_rows[0]["trainable_params"]}
+    assert ("steering_norm" in two_rows[0]) == (adapter == "steering")
+    one, two = latest(tmp_path / "one", adapter), latest(tmp_path / "two", adapter)
+    assert one.keys() == two.keys()
+    # two ranks sum the gradient in another order (float rounding, ~1e-9); AdamW divides by
+    # sqrt(v) + 1e-8, so a weight whose gradient is that rounding noise (embedding rows never
+    # sampled) moves by up to lr either way: full fine-tuning is compared to lr / 100
+    tolerance = 1e-4 if adapter == "full" else 1e-6
+    for name in one:
+        assert (one[name] - two[name]).abs().max() <= tolerance, name
+    if adapter == "full":  # the weights moved away from the random base the run started from
+        base = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+        assert not all(torch.equal(one["model." + k], w) for k, w in base.items())
+    else:
+        assert max(t.abs().max() for k, t in one.items() if k != "lora_A") > 0
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
-    args = [*SMALL, "--max-steps", "10", "--checkpoint-every", "2"]
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_sigkill_then_resume_is_bit_identical(tmp_path, adapter):
+    args = [*SMALL, "--max-steps", "6", "--checkpoint-every", "2", "--adapter", adapter]
     check(run([*args, "--out-dir", str(tmp_path / "full")]))
 
     killed = tmp_path / "killed"
@@ -128,14 +153,15 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     saved = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
-    assert saved < 10, "the run finished before it could be killed"
+    assert saved < 6, "the run finished before it could be killed"
     (killed / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # as if killed mid-write: ignored
 
     out = check(run(["--resume", str(killed)])).stdout
-    assert f"resuming {killed} at step {saved}/10" in out
-    assert torch.equal(steering(killed), steering(tmp_path / "full"))
+    assert f"resuming {killed} at step {saved}/6" in out
+    a, b = latest(killed, adapter), latest(tmp_path / "full", adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full, resumed = metrics(tmp_path / "full"), metrics(killed)
-    assert [r["step"] for r in resumed] == list(range(1, 11))  # lines after the checkpoint were replaced
+    assert [r["step"] for r in resumed] == list(range(1, 7))  # lines after the checkpoint were replaced
     assert [r["reward_mean"] for r in resumed] == [r["reward_mean"] for r in full]
 
 
@@ -147,6 +173,212 @@ def test_resume_refuses_changed_training_data(tmp_path):
     (run_dir / "config.json").write_text(json.dumps(config))
     proc = run(["--resume", str(run_dir)])
     assert proc.returncode != 0 and "training prompts differ" in proc.stderr + proc.stdout
+
+
+def test_the_same_command_continues_a_run_and_another_config_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "--max-steps", "2", "--checkpoint-every", "2", "--out-dir", str(run_dir)]
+    check(run(args))
+    again = check(run(args))  # a finished run: says so, exits 0, touches nothing
+    assert f"{run_dir} is finished (step 2/2)" in again.stdout
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    other = run([*args, "--lr", "0.5", "--rollouts", "2"])
+    assert other.returncode == 2
+    assert other.stderr.strip().count("\n") == 0 and "Traceback" not in other.stderr  # one line
+    assert "--lr 0.01 (saved) != 0.5 (given)" in other.stderr and "--rollouts 4 (saved) != 2 (given)" in other.stderr
+    # the history keeps every checkpoint's vector beside the latest
+    assert torch.equal(load_file(str(run_dir / "steering-step2.safetensors"))["steering"], steering(run_dir))
+
+
+def wait_for_step(proc, run_dir, step, timeout=180):
+    deadline = time.time() + timeout
+    while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= step):
+        assert proc.poll() is None, f"run ended early: {proc.stderr.read()[-3000:] if proc.stderr else ''}"
+        assert time.time() < deadline, f"step {step} never came"
+        time.sleep(0.02)
+
+
+def test_sigterm_checkpoints_the_last_step_and_the_same_command_continues(tmp_path):
+    """SIGTERM in the middle of a run with no periodic checkpoint yet: the run writes the
+    checkpoint of its last completed step at once and exits 143; the same command then finishes
+    the run bit-identical to one never stopped."""
+    args = [*SMALL, "--max-steps", "8", "--checkpoint-every", "100"]
+    check(run([*args, "--out-dir", str(tmp_path / "full")]))
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--out-dir", str(stopped)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, stopped, 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    saved = torch.load(stopped / "checkpoint.pt", weights_only=True)["step"]
+    assert 3 <= saved < 8, saved
+    assert f"holds step {saved}" in proc.stderr.read()
+    out = check(run([*args, "--out-dir", str(stopped)])).stdout
+    assert f"resuming {stopped} at step {saved}/8" in out
+    assert torch.equal(steering(stopped), steering(tmp_path / "full"))
+    assert [r["reward_mean"] for r in metrics(stopped)] == [r["reward_mean"] for r in metrics(tmp_path / "full")]
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def torchrun(args, max_restarts=0):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--max-restarts={max_restarts}",
+            f"--master_port={free_port()}", TRAIN, *args]
+
+
+def test_torchrun_restart_after_a_killed_worker_equals_an_uninterrupted_run(tmp_path):
+    args = [*SMALL, "--max-steps", "6", "--checkpoint-every", "2"]
+    check(subprocess.run(torchrun([*args, "--out-dir", str(tmp_path / "full")]), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=ENV))
+    run_dir = tmp_path / "restarted"
+    proc = subprocess.Popen(torchrun([*args, "--out-dir", str(run_dir)], max_restarts=1), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, run_dir, 3)
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)  # one worker dies; torchrun stops the other and relaunches both
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert torch.equal(steering(run_dir), steering(tmp_path / "full"))
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 7))
+
+
+def test_without_restarts_a_dead_rank_makes_the_other_exit(tmp_path):
+    port = free_port()
+    args = [sys.executable, TRAIN, *SMALL, "--max-steps", "50", "--collective-timeout", "20",
+            "--out-dir", str(tmp_path / "run")]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port))) for r in range(2)]
+    wait_for_step(procs[0], tmp_path / "run", 2)
+    procs[1].kill()
+    t0 = time.time()
+    code = procs[0].wait(timeout=120)
+    assert code != 0 and time.time() - t0 < 60, (code, time.time() - t0)
+    err = procs[0].stderr.read()
+    assert err.startswith("error: ") and "Traceback" not in err, err[-2000:]
+
+
+def test_a_user_error_under_torchrun_prints_one_line_once(tmp_path):
+    proc = subprocess.run(torchrun([*SMALL, "--task", "math", "--dataset", "nope", "--model", "some/model",
+                                    "--out-dir", str(tmp_path / "r")]), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=ENV)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "--dataset 'nope'" in lines[0], proc.stderr[-3000:]
+    assert not (tmp_path / "r").exists()  # refused before anything was made or loaded
+
+
+FAKE_WANDB = """
+import json, os
+LOG = os.environ["FAKE_WANDB_LOG"]
+def _write(kind, **kw):
+    with open(LOG, "a") as f:
+        f.write(json.dumps(dict(kind=kind, **kw), default=str) + "\\n")
+class _Run:
+    def log(self, data, step=None):
+        _write("log", data=data, step=step)
+    def finish(self):
+        _write("finish")
+def init(**kw):
+    _write("init", **kw)
+    return _Run()
+class Table:
+    def __init__(self, columns, data):
+        self.columns, self.data = columns, data
+"""
+
+
+def test_eval_during_training_equals_eval_py_and_is_tracked(tmp_path, tiny_with_tokenizer):
+    """--eval-every scores the live model with the training sampler; its numbers equal eval.py's on
+    the saved vectors (same greedy completions), and --wandb-project gets every metrics line. The
+    tracker is a stand-in module (wandb itself is not a dependency here): what train.py hands it
+    is recorded and checked."""
+    import eval as ev
+    from conftest import DATA_DIR
+    fake = tmp_path / "fake"
+    (fake / "wandb").mkdir(parents=True)
+    (fake / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    log = tmp_path / "wandb.jsonl"
+    env = dict(ENV, PYTHONPATH=str(fake), FAKE_WANDB_LOG=str(log))
+    run_dir = tmp_path / "run"
+    args = ["--model", str(tiny_with_tokenizer), "--task", "math", "--dataset", "arithmetic", "--data-dir",
+            str(DATA_DIR), "--prompts-per-step", "4", "--rollouts", "2", "--max-new-tokens", "8", "--max-len", "256",
+            "--max-prompt-len", "200", "--max-steps", "2", "--lr", "0.5", "--eval-every", "2", "--eval-bench",
+            "arithmetic", "--eval-limit", "6", "--dtype", "float32", "--device", "cpu", "--reward-workers", "1",
+            "--wandb-project", "steer-test", "--out-dir", str(run_dir)]
+    check(subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=env))
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval_accuracy" in rows[0] and "eval_accuracy" not in rows[1] and "eval_accuracy" in rows[2]
+    for row, steering_file in ((rows[0], None), (rows[2], run_dir / "steering-step2.safetensors")):
+        out = tmp_path / f"eval{row['step']}"
+        ev.main(["--model", str(tiny_with_tokenizer), "--bench", "arithmetic", "--limit", "6", "--max-new-tokens",
+                 "8", "--temperature", "0", "--dtype", "float32", "--device", "cpu", "--data-dir", str(DATA_DIR),
+                 "--grade-workers", "1", "--out", str(out)]
+                + (["--no-base", "--steering", str(steering_file)] if steering_file else []))
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        assert row["eval_problems"] == len(samples) == 6
+        assert row["eval_len_mean"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 6)
+        assert row["eval_accuracy"] == pytest.approx(sum(s["reward"] for s in samples) / 6)
+        assert row["eval_truncated_frac"] == pytest.approx(sum(s["finish_reason"] == "length" for s in samples) / 6)
+
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls[0]["kind"] == "init" and calls[0]["project"] == "steer-test"
+    assert calls[0]["config"]["eval_every"] == 2 and calls[-1]["kind"] == "finish"
+    logged = [c for c in calls if c["kind"] == "log"]
+    assert [c["step"] for c in logged] == [0, 1, 2]
+    assert logged[1]["data"]["reward_mean"] == rows[1]["reward_mean"]
+    assert logged[1]["data"]["steering_norm/1"] == rows[1]["steering_norm"][1]
+
+
+def test_evaluate_reads_the_live_vector(tmp_path, tiny_with_tokenizer, train_module):
+    """train.evaluate on the live model with a random vector equals eval.py on that vector saved:
+    the evaluation shares the trained tensors (no reload, no copy)."""
+    import cluster
+    import eval as ev
+    from conftest import DATA_DIR
+    cfg = train_module.TrainConfig(model=str(tiny_with_tokenizer), dataset="arithmetic", data_dir=str(DATA_DIR),
+                                   prompts_per_step=4, rollouts=2, max_new_tokens=8, max_len=256, max_prompt_len=200,
+                                   eval_every=1, eval_bench="arithmetic", eval_limit=5, dtype="float32",
+                                   device="cpu", reward_workers=1, out_dir=str(tmp_path / "run"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    run = train_module.setup(cfg, cluster.Cluster(0, 1, torch.device("cpu")))
+    seen, score = [], run.eval_task.reward  # what evaluate() generated, on its way to the reward
+    run.eval_task.reward = lambda completions, owners: (seen.append(completions), score(completions, owners))[1]
+    try:
+        base = train_module.evaluate(run)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            run.model.steering.copy_(20 * torch.randn_like(run.model.steering))  # in place, as AdamW does
+        steered = train_module.evaluate(run)
+        run.model.save_steering(tmp_path / "v.safetensors")
+    finally:
+        run.task.close()
+        run.eval_task.close()
+        dist.destroy_process_group()  # eval.py makes its own
+    assert seen[0] != seen[1] and base["eval_problems"] == 5  # the live vector changed the completions
+    ev.main(["--model", str(tiny_with_tokenizer), "--bench", "arithmetic", "--limit", "5", "--max-new-tokens", "8",
+             "--temperature", "0", "--dtype", "float32", "--device", "cpu", "--data-dir", str(DATA_DIR),
+             "--grade-workers", "1", "--no-base", "--steering", str(tmp_path / "v.safetensors"),
+             "--out", str(tmp_path / "eval")])
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    import data
+    tok = data.Tokenizer.from_dir(tiny_with_tokenizer)
+    assert [tok.decode(c, skip_special_tokens=True) for c in seen[1]] == [s["completion"] for s in samples]
+    assert steered["eval_len_mean"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 5)
+    assert steered["eval_truncated_frac"] == pytest.approx(sum(s["finish_reason"] == "length" for s in samples) / 5)
 
 
 # -----------------------------------------------------------------------------
@@ -187,26 +419,88 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, tiny_qwen, 
         train_module.save_checkpoint(tmp_path, model, opt, cfg, step=6, epoch=0, offset=24, skipped_steps=0, data_fingerprint="abc")
     assert (tmp_path / "checkpoint.pt.tmp").exists()  # the stray half-written file
     state = train_module.load_checkpoint(tmp_path)
-    assert state["step"] == 4 and torch.equal(state["steering"], torch.ones_like(model.steering))
+    assert state["step"] == 4 and torch.equal(state["trainable"][0], torch.ones_like(model.steering))
     assert state["config"]["task"] == "toy"
 
 
-def test_non_finite_gradient_skips_the_update(train_module, one_rank_group):
-    cfg = train_module.TrainConfig(grad_clip=2.0)
-    steer = torch.nn.Parameter(torch.zeros(2, 4))
-    model = type("Stub", (), {"steering": steer})()
-    opt = torch.optim.AdamW([steer], lr=0.1)
+def test_a_full_disk_at_a_checkpoint_names_the_path_and_keeps_the_previous_one(tmp_path, tiny_qwen, train_module,
+                                                                               monkeypatch):
+    model = M.Transformer.from_pretrained(tiny_qwen)
+    opt = torch.optim.AdamW([model.steering], lr=0.1)
+    cfg = train_module.TrainConfig(task="toy")
+    train_module.save_checkpoint(tmp_path, model, opt, cfg, step=2, epoch=0, offset=8, skipped_steps=0,
+                                 data_fingerprint="abc")
 
-    steer.grad = torch.full((2, 4), 3.0)
+    def disk_full(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device", f.name)
+    monkeypatch.setattr(train_module.torch, "save", disk_full)
+    with torch.no_grad():
+        model.steering.fill_(2.0)
+    with pytest.raises(SystemExit) as e:
+        train_module.save_checkpoint(tmp_path, model, opt, cfg, step=4, epoch=0, offset=16, skipped_steps=0,
+                                     data_fingerprint="abc")
+    assert "No space left on device" in str(e.value) and str(tmp_path / "checkpoint.pt.tmp") in str(e.value)
+    assert "previous checkpoint" in str(e.value)
+    assert not list(tmp_path.glob("*.tmp"))
+    state = train_module.load_checkpoint(tmp_path)
+    assert state["step"] == 2 and torch.equal(state["trainable"][0], torch.zeros_like(model.steering))
+
+
+def test_out_of_memory_halves_the_micro_batch_and_gives_the_same_gradient(tiny_qwen, train_module, monkeypatch):
+    model = M.Transformer.from_pretrained(tiny_qwen)
+    with torch.no_grad():
+        model.steering.copy_(0.1 * torch.randn_like(model.steering))
+    g = torch.Generator().manual_seed(0)
+    rollouts = [train_module.Rollout(torch.randint(0, 96, (5,), generator=g).tolist(),
+                                     torch.randint(0, 96, (int(n),), generator=g).tolist(), float(a), [0.0] * int(n))
+                for n, a in zip(torch.randint(3, 12, (8,), generator=g), torch.randn(8, generator=g))]
+    cfg = train_module.TrainConfig(task="toy")
+    totals = dict(total_sequences=8, max_completion_len=16,
+                  total_tokens=float(sum(len(r.completion) for r in rollouts)))
+
+    def run(budget):
+        return train_module.accumulate_gradient(model, rollouts, cfg, None, totals, torch.device("cpu"), budget)
+    clean = run(1000)
+    reference = model.steering.grad.clone()
+    assert clean.micro_batches == 1 and clean.oom_retries == 0
+
+    real_backward = train_module.backward
+
+    def small_memory(model, batch, *a):  # "GPU memory" for 40 padded tokens per micro-batch
+        width = max(len(r.prompt) + len(r.completion) for r in batch) - 1
+        if len(batch) * width > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_backward(model, batch, *a)
+    monkeypatch.setattr(train_module, "backward", small_memory)
+    squeezed = run(1000)
+    assert squeezed.oom_retries == 5 and squeezed.budget == 1000 // 32 and squeezed.micro_batches > 1
+    assert torch.allclose(model.steering.grad, reference, rtol=1e-5, atol=1e-7)
+    assert squeezed.loss == pytest.approx(clean.loss, rel=1e-5)
+
+    monkeypatch.setattr(train_module, "backward", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    longest = max(len(r.prompt) + len(r.completion) - 1 for r in rollouts)
+    with pytest.raises(SystemExit, match=f"out of memory in the backward of a single {longest}-token sequence"):
+        run(1000)
+
+
+def test_non_finite_gradient_skips_the_update(train_module, one_rank_group, tiny_qwen):
+    cfg = train_module.TrainConfig(grad_clip=2.0)
+    model = M.Transformer.from_pretrained(tiny_qwen)
+    steer = model.steering
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=0.1)
+    shape, n = steer.shape, steer.numel()
+
+    model.reset_grads().fill_(3.0)  # the flat buffer steer.grad is a view of
     norm, skipped = train_module.reduce_and_step(model, opt, cfg, 0.1, bad_loss=False)
-    assert not skipped and norm == pytest.approx(3.0 * math.sqrt(8))
+    assert not skipped and norm == pytest.approx(3.0 * math.sqrt(n))
     after_good = steer.detach().clone()
-    assert torch.allclose(after_good, torch.full((2, 4), -0.1))  # Adam's first step: -lr * sign
+    assert torch.allclose(after_good, torch.full(shape, -0.1))  # Adam's first step: -lr * sign
+    assert model.grad_buffer.norm().item() == pytest.approx(2.0, rel=1e-5)  # clipped to --grad-clip
     state_step = opt.state[steer]["step"].item()
 
-    for grad, bad_loss in ((torch.full((2, 4), float("nan")), False), (torch.full((2, 4), float("inf")), False),
-                           (torch.ones(2, 4), True)):
-        steer.grad = grad
+    for value, bad_loss in ((float("nan"), False), (float("inf"), False), (1.0, True)):
+        model.reset_grads().fill_(value)
         norm, skipped = train_module.reduce_and_step(model, opt, cfg, 0.1, bad_loss=bad_loss)
         assert skipped and not math.isfinite(norm)
         assert torch.equal(steer.detach(), after_good) and opt.state[steer]["step"].item() == state_step
