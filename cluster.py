@@ -7,6 +7,7 @@ collective runs, on a group of one. One GPU per process, cuda:LOCAL_RANK (LOCAL_
 """
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,8 +15,11 @@ import torch
 import torch.distributed as dist
 
 USER_ERRORS = (SystemExit, ValueError, FileNotFoundError)  # what a CLI reports in one line, without a traceback
-COLLECTIVE_FAILURES = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Timed out",
-                       "NCCL")  # how gloo / NCCL word a lost or silent peer in a plain RuntimeError
+
+
+class RankError(SystemExit):
+    """A user-facing error that one rank alone may hit (its share of the data, its memory): printed
+    by whichever rank raises it, prefixed with the rank."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ def run_cli(main, argv=None):
     try:
         main(argv)
     except RuntimeError as e:  # a collective that failed: a peer died or --collective-timeout passed
-        if not (isinstance(e, dist.DistError) or any(m in str(e) for m in COLLECTIVE_FAILURES)):
+        if not (isinstance(e, dist.DistError) or "gloo" in str(e)):  # gloo reports a lost peer as a RuntimeError
             raise
         rank = int(os.environ.get("RANK", 0))
         first = str(e).strip().splitlines()[0][:300]
@@ -100,9 +104,12 @@ def run_cli(main, argv=None):
     except USER_ERRORS as e:
         if isinstance(e, SystemExit) and not isinstance(e.code, str):
             raise  # sys.exit(0), argparse's exit after --help or its own usage error
-        if int(os.environ.get("RANK", 0)) == 0:
+        rank = int(os.environ.get("RANK", 0))
+        if rank == 0 or isinstance(e, RankError):
             text = e.code if isinstance(e, SystemExit) else str(e)
-            print(f"error: {text}", file=sys.stderr, flush=True)
+            print(f"error: {f'rank {rank}: ' if isinstance(e, RankError) else ''}{text}", file=sys.stderr, flush=True)
+        else:  # the first rank to exit makes torchrun stop the others: give rank 0 time to say why
+            time.sleep(3)
         sys.stdout.flush()
         if dist.is_initialized():
             os._exit(2)  # a live process group (peers, gloo threads) can block a normal exit

@@ -51,6 +51,7 @@ first problem (call_seed), so the random streams depend on how problems are grou
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -61,6 +62,7 @@ from collections import defaultdict
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import cluster
@@ -336,10 +338,6 @@ def evaluate_setup(sampler, tokenizer, setup: Setup, benches: dict[str, list[dic
     for bench, problems in benches.items():
         mine = [(i, p) for i, p in enumerate(problems) if i % world == rank]
         prompts = [tokenizer.encode_prompt(p["problem"]) for _, p in mine]
-        too_long = [i for (i, _), p in zip(mine, prompts) if cfg.max_len and len(p) >= cfg.max_len]
-        if too_long:
-            raise ValueError(f"{bench}: problems {too_long[:10]} have prompts of {cfg.max_len} tokens or more, the "
-                             "--max-len cap (default: the model's context): no room for an answer")
         budgets = completion_budgets(cfg, prompts)
         k = samples_per_problem(cfg, bench, setup.temperature)
         for seed in setup.seeds:
@@ -524,12 +522,19 @@ def main(argv=None):
     cfg = resolve_lengths(cfg, model.config.max_position_embeddings)
     # the KV pool from the memory plan: one generate call's sequences at once (--batch-prompts x the
     # most samples per problem), at most 90 % of what the weights leave (no backward here)
-    prompts = [tokenizer.encode_prompt(p["problem"]) for problems in benches.values() for p in problems]
+    prompts = {b: [tokenizer.encode_prompt(p["problem"]) for p in problems] for b, problems in benches.items()}
+    for bench, encoded in prompts.items():  # checked on every rank, for every problem: all ranks stop alike
+        too_long = [i for i, p in enumerate(encoded) if cfg.max_len and len(p) >= cfg.max_len]
+        if too_long:
+            raise ValueError(f"{bench}: problems {too_long[:10]} have prompts of {cfg.max_len} tokens or more, the "
+                             "--max-len cap (default: the model's context): no room for an answer")
+    prompts = [p for encoded in prompts.values() for p in encoded]
     longest = max(len(p) + b for p, b in zip(prompts, completion_budgets(cfg, prompts)))
     most = max(samples_per_problem(cfg, b, s.temperature) for s in setups for b in benches)
     plan = memory.plan(model.config, model.embed_tokens.weight.dtype, c.device, available=available, trainable=0,
                        sequences=min(cfg.batch_prompts, len(prompts)) * most, longest=longest, backward=False,
-                       kv_cache_tokens=cfg.kv_cache_tokens, gpu_memory_fraction=0.9)
+                       kv_cache_tokens=cfg.kv_cache_tokens, gpu_memory_fraction=0.9,
+                       share=int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if c.device.type == "cpu" else 1)
     if c.is_main:
         print(plan.summary(), file=sys.stderr)
     sampler = Sampler(model, vocab_size=tokenizer.vocab_size, kv_cache_tokens=plan.kv_cache_tokens,
@@ -545,6 +550,9 @@ def main(argv=None):
                                   progress)
     progress.close()
     pool.close()
+    del sampler  # its KV pool: the gather below stages every rank's records on the GPU under NCCL
+    if c.device.type == "cuda":
+        torch.cuda.empty_cache()
     records = cluster.gather(records, c)
     if c.is_main:
         names = list(benches)

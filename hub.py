@@ -166,4 +166,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import cluster
+    cluster.run_cli(main)

@@ -359,11 +359,16 @@ def kl_rows(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
 def path_terms(model: M.Transformer, batch: Batch, layer: int, ref: torch.Tensor, treat: torch.Tensor):
     """Runs the reference and the treatment steering (which differ only in row `layer`) and returns
     (h_ref, h_treat, terms): the final norm's input at the scored positions (N, d) fp32 for both, and
-    per path its term of h_treat - h_ref (N, d) fp32: "direct", ("attn", j), ("mlp", j) for j > layer,
-    and ("head", j, h) for each attention head (the heads of layer j sum to ("attn", j))."""
+    per path its term of h_treat - h_ref (N, d) fp32: "direct", ("attn", j), ("mlp", j) for j > layer
+    (and ("mlp", layer) for post-attn steering), ("head", j, h) per attention head (the heads of layer
+    j sum to ("attn", j))."""
     if not torch.equal(without(ref, [layer]), without(treat, [layer])):
         raise ValueError(f"path patching needs two steerings that differ only in layer {layer}")
-    later = range(layer + 1, model.config.num_layers)
+    L = model.config.num_layers
+    later = range(layer + 1, L)
+    # steering after the attention residual (steer_at post-attn) also reaches its own layer's MLP
+    post_attn = getattr(getattr(model, "adapter", None), "steer_at", "post-block") == "post-attn"
+    mlps = range(layer if post_attn else layer + 1, L)
     rows, cols = batch.rows, batch.cols
 
     def run(vectors):
@@ -372,6 +377,7 @@ def path_terms(model: M.Transformer, batch: Batch, layer: int, ref: torch.Tensor
         for j in later:
             hooks.append(model.layers[j].self_attn.register_forward_hook(
                 lambda m, args, out, j=j: seen.__setitem__(("attn", j), out)))
+        for j in mlps:
             hooks.append(model.layers[j].mlp.register_forward_hook(
                 lambda m, args, out, j=j: seen.__setitem__(("mlp", j), out)))
 
@@ -394,13 +400,15 @@ def path_terms(model: M.Transformer, batch: Batch, layer: int, ref: torch.Tensor
     (r, s_ref), (t, s_treat) = run(ref), run(treat)
     terms = {"direct": (s_treat - s_ref).expand_as(r["final"])}
     H, D = model.config.num_heads, model.config.head_dim
-    for j in later:
-        terms[("attn", j)] = t[("attn", j)] - r[("attn", j)]
-        dz = t[("z", j)] - r[("z", j)]  # (N, H, D): each head's output change
-        w_o = model.layers[j].self_attn.o_proj.weight.float()  # (d, H * D); o_proj has no bias
-        for h in range(H):
-            terms[("head", j, h)] = dz[:, h] @ w_o[:, h * D:(h + 1) * D].T
-        terms[("mlp", j)] = t[("mlp", j)] - r[("mlp", j)]
+    for j in range(layer, L):
+        if j in later:
+            terms[("attn", j)] = t[("attn", j)] - r[("attn", j)]
+            dz = t[("z", j)] - r[("z", j)]  # (N, H, D): each head's output change
+            w_o = model.layers[j].self_attn.o_proj.weight.float()  # (d, H * D); o_proj has no bias
+            for h in range(H):
+                terms[("head", j, h)] = dz[:, h] @ w_o[:, h * D:(h + 1) * D].T
+        if j in mlps:
+            terms[("mlp", j)] = t[("mlp", j)] - r[("mlp", j)]
     return r["final"], t["final"], terms
 
 
@@ -715,12 +723,13 @@ def draw_ablate(plt, result):
 def draw_positions(plt, result):
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     a.plot(range(len(result["kl"])), result["kl"], "o-", ms=3)
-    a.set(xlabel="generated position t", ylabel="KL(steered || base), nats", yscale="symlog",
+    a.set(xlabel="generated position t", ylabel="KL(steered || base), nats",
+          yscale="log" if min(result["kl"]) > 0 else "linear",
           title="per-position effect" + (f" of s_{result['layer']}" if result["layer"] is not None else ""))
-    toks = result["rise_first"][::-1]
-    b.barh(range(len(toks)), [t["logprob_rise"] for t in toks])
+    toks = result["gain_first"][::-1]
+    b.barh(range(len(toks)), [t["prob_gain"] for t in toks])
     b.set_yticks(range(len(toks)), [show_token(t["token"]) for t in toks])
-    b.set(xlabel="mean rise in log p at t = 0", title="tokens boosted at the first generated position")
+    b.set(xlabel="mean gain in probability at t = 0", title="tokens boosted at the first generated position")
     return {"kl": fig}
 
 
@@ -970,7 +979,12 @@ def run_attention(args):
     body = [[f"L{j}", num(result["layer_mean"][j]), num(result["layer_max"][j])]
             + ([num(result["control_layer_mean"][j])] if args.control else [])
             + [num(x) for x in result["jsd"][j]] for j in range(cfg.num_layers)]
-    print(aligned(head, body))
+    if layer is not None:  # the layers before the vector run on identical inputs: exactly 0, shown as a check
+        before = max(result["layer_max"][:layer + 1])
+        print(f"layers 0..{layer} (before the vector): max JSD {num(before)}")
+        body = body[layer + 1:]
+    if body:
+        print(aligned(head, body))
     name = "attention" if layer is None else f"attention_L{layer}"
     write_outputs(args, name, dict(header(study, meta, model_id, args), layer=layer, others=args.others,
                                    sequences=info, **result), draw_attention)
@@ -1064,4 +1078,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import cluster
+    cluster.run_cli(main)

@@ -562,10 +562,11 @@ class Transformer(nn.Module):
             h.update(w.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def save_adapter(self, path, **metadata):
-        """Steering / LoRA: a safetensors file of the adapter's tensors (fp32); full fine-tuning: a
-        checkpoint folder (config.json + model.safetensors, HF names) that transformers and
-        from_pretrained load, + ADAPTER_JSON. Metadata: kind, options, base model, `metadata`."""
+    def save_adapter(self, path, tensors: dict | None = None, **metadata):
+        """Steering / LoRA: a safetensors file of the adapter's tensors (fp32; or `tensors`, a copy of
+        them by name, e.g. a CPU snapshot); full fine-tuning: a checkpoint folder (config.json +
+        model.safetensors, HF names) that transformers and from_pretrained load, + ADAPTER_JSON.
+        Metadata: kind, options, base model, `metadata`."""
         cfg, adapter = self.config, self.adapter
         meta = {"format": "steer", "kind": adapter.kind, "base_model": cfg.name,
                 "base_fingerprint": adapter.base_fingerprint or self.fingerprint(),
@@ -575,7 +576,9 @@ class Transformer(nn.Module):
         if adapter.kind == "full":
             return save_checkpoint_folder(self, Path(path), meta)
         from safetensors.torch import save_file
-        tensors = {name: t.detach().float().cpu().contiguous() for name, t in adapter.named_parameters()}
+        if tensors is None:
+            tensors = dict(adapter.named_parameters())
+        tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)

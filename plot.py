@@ -278,4 +278,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import cluster
+    cluster.run_cli(main)

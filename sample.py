@@ -722,4 +722,5 @@ def _run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    import cluster
+    cluster.run_cli(main)

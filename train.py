@@ -39,7 +39,9 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -521,7 +523,7 @@ def accumulate_gradient(model, rollouts: list[Rollout], cfg: TrainConfig, vocab_
         except torch.OutOfMemoryError:
             pass  # outside the handler, so the traceback's frames (and the tensors they hold) are gone
         if budget <= longest:
-            raise SystemExit(f"out of memory in the backward of a single {longest}-token sequence "
+            raise cluster.RankError(f"out of memory in the backward of a single {longest}-token sequence "
                              f"(--micro-batch-tokens now {budget}): lower --max-len, or turn on "
                              "--activation-checkpointing")
         budget, retries = max(budget // 2, longest), retries + 1
@@ -579,22 +581,29 @@ def atomic_write_text(path: Path, text: str):
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, epoch: int, offset: int,
-                    skipped_steps: int, data_fingerprint: str):
+                    skipped_steps: int, data_fingerprint: str, snapshot=None):
     """The adapter file: {kind}-step{N}.safetensors (the history: a few KB each for steering) and
     {kind}.safetensors (the latest, the file eval.py reads; full fine-tuning: the folder full/, no
     history: each would be a whole model), then checkpoint.pt: the checkpoint is the commit point,
     and resuming reads nothing else. A full or unwritable disk stops the run with the path named;
-    every file is renamed into place only once complete, so the previous checkpoint stays intact."""
+    every file is renamed into place only once complete, so the previous checkpoint stays intact.
+    With a `snapshot` (StopSignals) the trainable state comes from that CPU copy, not the live model:
+    nothing here then touches the device."""
     kind = model.adapter.kind
+    if snapshot is not None:
+        names = [name for name, _ in model.adapter.named_parameters()]  # steering / LoRA: trainable() order
+        tensors, trainable, optimizer_state = dict(zip(names, snapshot.trainable)), snapshot.trainable, snapshot.optimizer
+    else:
+        tensors, optimizer_state = None, optimizer.state_dict()
+        trainable = [p.detach().cpu().clone() for p in model.trainable_parameters()]
     target = run_dir / "checkpoint.pt"
     try:
         names = ["full"] if kind == "full" else [f"{kind}-step{step}.safetensors", f"{kind}.safetensors"]
         for name in names:
             target = run_dir / name
-            model.save_adapter(target, step=step, task=cfg.task, dataset=cfg.dataset)
+            model.save_adapter(target, tensors, step=step, task=cfg.task, dataset=cfg.dataset)
         state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps, data=data_fingerprint,
-                     trainable=[p.detach().cpu().clone() for p in model.trainable_parameters()],
-                     optimizer=optimizer.state_dict(), config=asdict(cfg))
+                     trainable=trainable, optimizer=optimizer_state, config=asdict(cfg))
         tmp = run_dir / "checkpoint.pt.tmp"
         target = tmp
         with open(tmp, "wb") as f:
@@ -615,7 +624,7 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
@@ -636,7 +645,7 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, dict | None]:
     a scheduler requeue); one that holds anything else is refused. metrics.jsonl is cut back to
     the checkpoint's step, so the lines a killed run wrote after its last checkpoint are replaced,
     not duplicated."""
-    run_dir = Path(cfg.resume or cfg.out_dir or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(cfg.resume or cfg.out_dir or default_run_dir(cfg))
     config_file = run_dir / "config.json"
     if not cfg.resume and config_file.is_file():
         try:
@@ -644,24 +653,42 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, dict | None]:
         except json.JSONDecodeError as e:
             raise SystemExit(f"{config_file}: not valid JSON ({e}); choose another --out-dir") from None
         differ = config_differences(saved, cfg)
-        if differ:
+        if differ and (run_dir / "checkpoint.pt").is_file():
             raise SystemExit(f"run directory {run_dir} holds a run with another config ({'; '.join(differ)}): "
                              "re-run it with its own flags (or --resume it), or choose another --out-dir")
+        if differ:  # no checkpoint, nothing to protect: a run that failed at startup, started again fixed
+            print(f"{run_dir}: no checkpoint yet; starting it again with the new config ({'; '.join(differ)})")
+            config_file.unlink()
     elif not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise SystemExit(f"run directory {run_dir} exists, is not empty and holds no config.json: "
                          "choose another --out-dir")
     cfg.out_dir = str(run_dir)
     if not config_file.is_file():  # a new run
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         atomic_write_text(config_file, json.dumps(asdict(cfg), indent=2))
         return run_dir, None
     state = load_checkpoint(run_dir)
-    last = state["step"] if state else 0
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= last]
-        atomic_write_text(metrics, "".join(ln + "\n" for ln in lines))
+        kept = [ln for ln in metrics.read_text().splitlines() if state and metrics_step(ln) <= state["step"]]
+        atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
     return run_dir, state
+
+
+def metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn last line (a crash mid-write) counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def default_run_dir(cfg: TrainConfig) -> str:
+    """runs/<task>-<time>; under torchrun the elastic run id instead of the time, so that a torchrun
+    restart (--max-restarts) finds the directory it began."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return f"runs/{cfg.task}-{run_id if run_id != 'none' else time.strftime('%Y%m%d-%H%M%S')}"
 
 # -----------------------------------------------------------------------------
 # Setup: run directory, task, model, optimizer, sampler; then one RL step as one function.
@@ -693,10 +720,14 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
             decision = prepare_run_dir(cfg)
         except SystemExit as e:
             decision = e
-    decision = cluster.broadcast(decision, c)
+    # only the decision crosses ranks (the checkpoint of a full fine-tune is 12 bytes per weight):
+    # every rank then reads checkpoint.pt itself, from the run directory's shared filesystem
+    decision = cluster.broadcast(decision if not isinstance(decision, tuple) else
+                                 (decision[0], decision[1] is not None), c)
     if isinstance(decision, SystemExit):
         raise decision
-    run_dir, state = decision
+    run_dir, resuming = decision
+    state = load_checkpoint(run_dir) if resuming else None
     cfg.out_dir = str(run_dir)
 
     model_path = cfg.model
@@ -878,40 +909,82 @@ def log_line(m: dict) -> str:
 # (Ctrl-C) end the run in a checkpoint of its last completed step.
 
 
+@dataclass
+class Snapshot:
+    """The trainable state as of a completed step, on the CPU (what a signal's checkpoint writes)."""
+    step: int
+    trainable: list  # CPU copies, in model.trainable_parameters() order
+    optimizer: dict  # AdamW's state_dict with CPU tensors
+    skipped_steps: int
+
+
+def to_cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 class StopSignals:
     """At the start of every step the trainable state (the vector and AdamW's moments: a few
-    hundred KB for steering) is copied aside. A signal then writes the checkpoint of the last
+    hundred KB for steering) is copied to the CPU. A signal then writes the checkpoint of the last
     completed step from that copy at once, without waiting for the step in flight (its sampling
     may take minutes), and exits 128 + signal: re-running the same command continues from there,
     exactly as if never stopped. Every rank gets the signal (torchrun forwards it; schedulers
     signal the whole job) and they all hold the same state, so rank 0 writes and all exit.
-    A signal that arrives while a checkpoint is being written waits for that write to end.
 
-    Full fine-tuning is too big to copy every step (3x the model in fp32): there a signal is
+    The writing happens on a watcher thread woken through signal.set_wakeup_fd, not in a Python
+    signal handler: those run only when the main thread returns to the interpreter, and the main
+    thread may be blocked for minutes inside a collective (waiting for a peer that already exited)
+    or a CUDA sync. The watcher touches no device memory (the copy is on the CPU), so a stuck
+    stream cannot stall it. A checkpoint being written when the signal comes is finished first
+    (one lock).
+
+    Full fine-tuning is too big to copy every step (3x the model in fp32): there the signal is
     noted, the step in flight completes, and all ranks agree (one all-reduce per step) to
     checkpoint it and exit."""
     SNAPSHOT_LIMIT = 1 << 26  # trainable numbers up to which a per-step copy is cheap (steering, LoRA)
 
     def __init__(self, run: Run):
         self.run = run
-        self.snapshot = None  # (step, trainable tensors, optimizer state, skipped steps)
+        self.snapshot: Snapshot | None = None
         self.saved_step = run.start  # the step the checkpoint on disk holds
-        self.writing, self.pending, self.requested = False, None, None
+        self.lock = threading.Lock()  # held while a checkpoint is written
+        self.requested = 0  # deferred mode: the signal that came
         self.deferred = run.model.num_trainable() > self.SNAPSHOT_LIMIT
+        self.wake_read, wake_write = socket.socketpair()
+        wake_write.setblocking(False)
+        signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+        self.wake_write = wake_write  # (kept alive: its descriptor is the wakeup fd)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
+            signal.signal(sig, lambda signum, frame: None)  # the watcher acts; the interpreter must not die
+        threading.Thread(target=self.watch, name="stop-signals", daemon=True).start()
 
     def take_snapshot(self, step: int):
         run = self.run
         if not self.deferred:
-            self.snapshot = (step, [p.detach().clone() for p in run.model.trainable_parameters()],
-                             copy.deepcopy(run.optimizer.state_dict()), run.skipped_steps)
+            self.snapshot = Snapshot(step, [to_cpu(p) for p in run.model.trainable_parameters()],
+                                     to_cpu(run.optimizer.state_dict()), run.skipped_steps)
+
+    def watch(self):
+        while True:
+            signum = self.wake_read.recv(1)[0]
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                break
+        if self.deferred:
+            self.requested = signum  # stop_after, on the main thread, does the rest
+        else:
+            self.exit(signum)
 
     def stop_after(self, step: int):
         """Deferred mode, after each step: if any rank got a signal, checkpoint `step` and exit."""
         if not self.deferred:
             return
-        flag = torch.tensor([float(self.requested or 0)], device=self.run.model.grad_buffer.device)
+        flag = torch.tensor([float(self.requested)], device=self.run.model.grad_buffer.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             if self.saved_step != step:
@@ -921,43 +994,28 @@ class StopSignals:
     def checkpoint(self, step: int):
         """The regular checkpoint after `step` completed steps (rank 0 writes, every rank waits)."""
         run = self.run
-        self.writing = True
-        if run.cluster.is_main:
-            save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, step,
-                            *step_position(step, run.steps_per_epoch, run.cfg.prompts_per_step),
-                            run.skipped_steps, run.task.fingerprint())
-        self.saved_step, self.writing = step, False
-        if self.pending is not None:
-            self.exit(self.pending)
+        with self.lock:
+            if run.cluster.is_main:
+                save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, step,
+                                *step_position(step, run.steps_per_epoch, run.cfg.prompts_per_step),
+                                run.skipped_steps, run.task.fingerprint())
+            self.saved_step = step
         dist.barrier()  # nobody runs ahead of a checkpoint that may still be written
 
-    def handle(self, signum, frame):
-        if self.deferred:
-            self.requested = signum
-        elif self.writing:
-            self.pending = signum
-        else:
-            self.exit(signum)
-
-    def exit(self, signum):
+    def exit(self, signum: int):
         run, name = self.run, signal.Signals(signum).name
-        if run.cluster.is_main and self.snapshot is not None and self.snapshot[0] > self.saved_step:
-            step, trainable, optimizer_state, skipped = self.snapshot
-            with torch.no_grad():  # the process ends here: the live state may be overwritten
-                for p, saved in zip(run.model.trainable_parameters(), trainable):
-                    p.copy_(saved)
-            run.model.trainable_to_weights()
-            run.optimizer.load_state_dict(optimizer_state)
-            run.skipped_steps = skipped
-            save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, step,
-                            *step_position(step, run.steps_per_epoch, run.cfg.prompts_per_step),
-                            skipped, run.task.fingerprint())
-            self.saved_step = step
-        if run.cluster.is_main:
-            print(f"{name}: stopped; {run.run_dir}/checkpoint.pt holds step {self.saved_step}: re-run the same "
-                  "command to continue", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(128 + signum)  # not SystemExit: peers and gloo threads may be mid-collective
+        with self.lock:  # a checkpoint in progress is completed first
+            snap = self.snapshot
+            if run.cluster.is_main and snap is not None and snap.step > self.saved_step:
+                save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, snap.step,
+                                *step_position(snap.step, run.steps_per_epoch, run.cfg.prompts_per_step),
+                                snap.skipped_steps, run.task.fingerprint(), snapshot=snap)
+                self.saved_step = snap.step
+            if run.cluster.is_main:
+                print(f"{name}: stopped; {run.run_dir}/checkpoint.pt holds step {self.saved_step}: re-run the "
+                      "same command to continue", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)  # not SystemExit: peers and gloo threads may be mid-collective
 
 
 class Tracker:

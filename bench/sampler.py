@@ -264,4 +264,5 @@ def bench(argv=None):
 
 
 if __name__ == "__main__":
-    bench()
+    import cluster
+    cluster.run_cli(bench)

@@ -321,6 +321,16 @@ def test_paths_rebuild_the_steered_residual_and_heads_sum_to_attention(tiny_llam
     assert by["total"]["kl"] == pytest.approx(mean_kl, rel=1e-4)
 
 
+def test_post_attn_steering_also_reaches_its_own_mlp(tiny_qwen):
+    model = M.Transformer.from_pretrained(tiny_qwen)
+    model.set_adapter("steering", steer_at="post-attn")  # h + s_l after layer l's attention residual
+    vecs = random_vectors(model)
+    batch = lens.batches(random_sequences(model.config.vocab_size), 8, "cpu")[0]
+    h_ref, h_treat, terms = lens.path_terms(model, batch, 0, *lens.contrast(vecs, 0, "zero"))
+    assert ("mlp", 0) in terms and ("attn", 0) not in terms
+    assert torch.allclose(h_ref + sum(v for k, v in terms.items() if lens.is_partition(k)), h_treat, atol=1e-4)
+
+
 def test_paths_with_later_blocks_zeroed_go_all_direct(tiny_qwen):
     model = M.Transformer.from_pretrained(tiny_qwen)
     with torch.no_grad():

@@ -269,6 +269,32 @@ def test_without_restarts_a_dead_rank_makes_the_other_exit(tmp_path):
     assert err.startswith("error: ") and "Traceback" not in err, err[-2000:]
 
 
+def test_sigterm_while_blocked_in_a_collective_still_checkpoints(tmp_path):
+    """Rank 1 is frozen (SIGSTOP), so rank 0 blocks inside a collective, in C, where no Python
+    signal handler could run. SIGTERM to rank 0 must still write the checkpoint of its last
+    completed step (from the CPU copy, on the watcher thread) and exit 143 at once."""
+    port = free_port()
+    run_dir = tmp_path / "run"
+    args = [sys.executable, TRAIN, *SMALL, "--max-steps", "50", "--checkpoint-every", "100",
+            "--collective-timeout", "300", "--out-dir", str(run_dir)]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port))) for r in range(2)]
+    try:
+        wait_for_step(procs[0], run_dir, 2)
+        procs[1].send_signal(signal.SIGSTOP)
+        done = len(metrics(run_dir))
+        time.sleep(2)  # rank 0 is now waiting for rank 1 in the next step's first collective
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=30) == 128 + signal.SIGTERM
+        saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
+        assert done <= saved <= done + 1 and len(metrics(run_dir)) == saved
+        assert (run_dir / f"steering-step{saved}.safetensors").is_file()
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+
+
 def test_a_user_error_under_torchrun_prints_one_line_once(tmp_path):
     proc = subprocess.run(torchrun([*SMALL, "--task", "math", "--dataset", "nope", "--model", "some/model",
                                     "--out-dir", str(tmp_path / "r")]), cwd=ROOT, capture_output=True, text=True,
