@@ -136,13 +136,13 @@ def mapped_by(address: int) -> str:
     return "?"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default="/tmp/steer_bench_ckpt")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint folder afterwards")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: the child process
     parser.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.measure:
         return measure(args.measure, args.dtype)
 
