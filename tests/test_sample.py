@@ -250,6 +250,29 @@ def test_sampler_triton_path_matches_torch_path(qwen):
             torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_lora_and_post_attn_steering_decode_like_naive_greedy(qwen, use_triton):
+    """Other adapters enter the sampler's forward (prefill and decode, PyTorch and Triton paths)
+    exactly as model.py's own: greedy equals full-recompute greedy."""
+    prompts = random_prompts([15, 18], seed=4)  # decoding crosses the first block boundary
+    torch.manual_seed(1)
+    for kind, options in (("lora", dict(lora_rank=2, layers="1")), ("steering", dict(steer_at="post-attn"))):
+        qwen.set_adapter(kind, **options)
+        with torch.no_grad():
+            for p in qwen.trainable_parameters():
+                p.copy_(torch.randn_like(p) * (3.0 if kind == "lora" else 0.5))
+        try:
+            results = sample.Sampler(qwen, kv_cache_tokens=256, use_triton=use_triton).generate(
+                prompts, n=1, max_new_tokens=6, temperature=0)
+            with torch.no_grad():
+                want = [naive_greedy(qwen, p, 6) for p in prompts]
+            assert [r[0].tokens for r in results] == want, kind
+        finally:
+            qwen.set_adapter("steering")
+    base = sample.Sampler(qwen, kv_cache_tokens=256).generate(prompts, n=1, max_new_tokens=6, temperature=0)
+    assert [r[0].tokens for r in base] != want  # the adapters did change the greedy path
+
+
 @torch.inference_mode()  # the pool is an inference tensor
 def test_padded_decode_rows_are_inert(qwen):
     """What a CUDA-graph replay computes: a batch padded with rows of slot -1 and length 0, and a

@@ -85,6 +85,20 @@ def test_quickstart_reward_rises(tmp_path):
     assert rows[-1]["logprob_gap"] < 1e-4  # sampler and trainer score the same distribution
 
 
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_the_baselines_learn_the_quickstart(tmp_path, adapter):
+    """--quickstart --adapter lora|full: the paper's baselines learn the toy reward through the same
+    loop (measured over 30 steps: LoRA 0.03 -> 0.54 at step 13 -> 0.99; full 0.03 -> 1.0 by step 4)."""
+    run_dir = tmp_path / "run"
+    check(run(["--quickstart", "--adapter", adapter, "--max-steps", "16", "--out-dir", str(run_dir)]))
+    rows = metrics(run_dir)
+    first, last = rows[0]["reward_mean"], sum(r["reward_mean"] for r in rows[-3:]) / 3
+    assert last > first + 0.3, f"{adapter}: reward did not rise: {[round(r['reward_mean'], 3) for r in rows]}"
+    base = sum(t.numel() for t in load_file(str(run_dir / "model" / "model.safetensors")).values())
+    assert rows[0]["trainable_params"] == (2 * 4 * (128 + 64) if adapter == "lora" else base)  # r L (ffn + d)
+    assert rows[0]["bytes_allreduced"] == 4 * rows[0]["trainable_params"]
+
+
 def test_refuses_a_non_empty_run_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     proc = run([*SMALL, "--max-steps", "1", "--out-dir", str(tmp_path)])
@@ -242,7 +256,8 @@ def test_torchrun_restart_after_a_killed_worker_equals_an_uninterrupted_run(tmp_
     check(subprocess.run(torchrun([*args, "--out-dir", str(tmp_path / "full")]), cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=ENV))
     run_dir = tmp_path / "restarted"
-    proc = subprocess.Popen(torchrun([*args, "--out-dir", str(run_dir)], max_restarts=1), cwd=ROOT, env=ENV,
+    # two restarts allowed: on a loaded machine gloo's first connect of a relaunched group can be refused
+    proc = subprocess.Popen(torchrun([*args, "--out-dir", str(run_dir)], max_restarts=2), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_step(proc, run_dir, 3)
     workers = children(proc.pid)
