@@ -253,8 +253,10 @@ def torchrun(args, max_restarts=0):
 
 def test_torchrun_restart_after_a_killed_worker_equals_an_uninterrupted_run(tmp_path):
     args = [*SMALL, "--max-steps", "6", "--checkpoint-every", "2"]
-    check(subprocess.run(torchrun([*args, "--out-dir", str(tmp_path / "full")]), cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env=ENV))
+    # (a restart allowed here too: gloo's first connect of a fresh group is sometimes refused; a
+    # relaunch before any checkpoint starts over, so the run is the same)
+    check(subprocess.run(torchrun([*args, "--out-dir", str(tmp_path / "full")], max_restarts=1), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=ENV))
     run_dir = tmp_path / "restarted"
     # two restarts allowed: on a loaded machine gloo's first connect of a relaunched group can be refused
     proc = subprocess.Popen(torchrun([*args, "--out-dir", str(run_dir)], max_restarts=2), cwd=ROOT, env=ENV,
