@@ -50,12 +50,26 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> Cluster:
         raise SystemExit(f"--device {device!r}: use auto, cpu or cuda")
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend, store=restart_store(world, timeout_s), rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(seconds=timeout_s))
     return Cluster(rank, world, dev)
+
+
+def restart_store(world: int, timeout_s: float):
+    """The store the process group meets in. torchrun's agent hosts one store for the whole job
+    (TORCHELASTIC_USE_AGENT_STORE) and keeps it across `--max-restarts` relaunches, so a relaunched
+    rank would read the addresses the dead attempt's ranks published there and connect to ports
+    nobody listens on any more (gloo: "connectFullMesh ... Connection refused", or a hang; NCCL: a
+    stale unique id; pytorch/pytorch#135712). Each attempt therefore meets under its own prefix.
+    None (plain env://) when no agent hosts the store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"steer/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", agent)
 
 
 def broadcast(obj, cluster: Cluster):
