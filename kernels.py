@@ -71,11 +71,41 @@ if HAS_TRITON:
             tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, stride_bt, j, seq_len, kvh,
+                      scale, KVH: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+                      IEEE: tl.constexpr):
+        # one block of the sequence's keys: scores, online-softmax update of (m_i, l_i, acc)
+        toks = tl.arange(0, BLOCK)
+        d = tl.arange(0, D)
+        block = tl.load(block_tables_ptr + b * stride_bt + j).to(tl.int64)
+        valid = j * BLOCK + toks < seq_len
+        offs = (block * BLOCK + toks)[:, None] * (KVH * D) + kvh * D + d[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (GROUP_PAD, BLOCK) fp32
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every visited block has a valid key
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
     def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr,
                              scale, stride_bt, blocks_per_split,
                              KVH: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                              BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr,
-                             IEEE: tl.constexpr):
+                             IEEE: tl.constexpr, WHILE_LOOP: tl.constexpr):
         # grid (B, KVH, NUM_SPLITS): the GROUP query heads sharing one KV head form the M side of
         # tl.dot (padded to GROUP_PAD >= 16 rows, masked); each split walks its range of blocks
         # with an online softmax and writes a partial output + log-sum-exp for the merge kernel.
@@ -96,31 +126,16 @@ if HAS_TRITON:
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         first = split * blocks_per_split
         last = tl.minimum(first + blocks_per_split, tl.cdiv(seq_len, BLOCK))
-        toks = tl.arange(0, BLOCK)
-        for j in range(first, last):
-            block = tl.load(block_tables_ptr + b * stride_bt + j).to(tl.int64)
-            valid = j * BLOCK + toks < seq_len
-            offs = (block * BLOCK + toks)[:, None] * (KVH * D) + kvh * D + d[None, :]
-            k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (GROUP_PAD, BLOCK) fp32
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every visited block has a valid key
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        if WHILE_LOOP:  # the interpreter of triton <= 3.6 cannot take a runtime bound in range()
+            j = first
+            while j < last:
+                m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, b,
+                                              stride_bt, j, seq_len, kvh, scale, KVH, D, BLOCK, UPCAST, IEEE)
+                j += 1
+        else:  # compiled: a for loop, which Triton can software-pipeline
+            for j in range(first, last):
+                m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, b,
+                                              stride_bt, j, seq_len, kvh, scale, KVH, D, BLOCK, UPCAST, IEEE)
         # a split with no keys (short sequence, padding row) has l_i == 0: write 0 and lse -inf
         has = l_i > 0
         out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
@@ -171,7 +186,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, s
     _paged_decode_kernel[(B, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, parts, lse, scale, block_tables.stride(0), blocks_per_split,
         KVH=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=block,
-        NUM_SPLITS=num_splits, UPCAST=upcast, IEEE=upcast)
+        NUM_SPLITS=num_splits, UPCAST=upcast, IEEE=upcast, WHILE_LOOP=INTERPRET)
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     _merge_splits_kernel[(B * H,)](parts, lse, out, NUM_SPLITS=num_splits,
                                    SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), D=D)
