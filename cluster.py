@@ -54,7 +54,7 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> Cluster:
                                 timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None)
     return Cluster(rank, world, dev)
 
 

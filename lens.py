@@ -69,7 +69,6 @@ import torch.nn.functional as F
 
 import data
 import model as M
-import reward
 from sample import Sampler
 
 # -----------------------------------------------------------------------------
@@ -255,6 +254,7 @@ class Study:
     def accuracy(self, seqs: Sequences) -> dict:
         """Fraction of sequences whose last \\boxed{} equals their problem's answer; lengths; the mean
         log-prob the sampling model gave its own tokens."""
+        import reward  # only the analyses that grade need math-verify
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in seqs.completions]
         scores = reward.score_batch(texts, [self.problems[i]["answer"] for i in seqs.problems])
         return dict(accuracy=sum(scores) / len(scores),

@@ -620,7 +620,6 @@ def encode_questions(tokenizer, args, questions) -> list[list[int]]:
 
 def generate_all(model, sampler, tokenizer, args, questions, answers, setups, emit=print, progress=None) -> list[dict]:
     """Every completion of every setup, batch by batch, printed as each batch ends; one record each."""
-    import reward
     prompts = encode_questions(tokenizer, args, questions)
     records, started, generated = [], time.perf_counter(), 0
     for start in range(0, len(prompts), args.batch):
@@ -643,6 +642,7 @@ def generate_all(model, sampler, tokenizer, args, questions, answers, setups, em
                          for j, c in enumerate(out[i])]
         graded = [r for r in batch_records if r["answer"] is not None]
         if graded:
+            import reward  # only grading needs math-verify
             texts, golds = [r["text"] for r in graded], [r["answer"] for r in graded]
             for r, score in zip(graded, reward.score_batch(texts, golds)):
                 r["reward"] = score

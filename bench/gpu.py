@@ -52,6 +52,7 @@ if "--tiny" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
+import memory  # noqa: E402
 import model as M  # noqa: E402
 import rloo  # noqa: E402
 import sample  # noqa: E402
@@ -180,9 +181,10 @@ def make_plan(args) -> Plan:
 
 
 class Report:
-    def __init__(self, budget_s: float):
+    def __init__(self, budget_s: float, out: str | None = None, device_name: str = ""):
         self.t0 = START
         self.budget_s = budget_s
+        self.out, self.device_name = out, device_name  # --out: rewritten after every line (a kill loses nothing)
         self.checks: list[tuple[str, str, str]] = []  # (PASS / FAIL / SKIP, name, detail)
         self.figures: list[tuple[str, float, str, str]] = []  # (name, value, unit, note)
 
@@ -195,10 +197,12 @@ class Report:
     def _line(self, status, name, detail):
         self.checks.append((status, name, detail))
         print(f"{status}  {name}: {detail}  [{self.elapsed():.0f} s]", flush=True)
+        self.write_json()
 
     def figure(self, name: str, value: float, unit: str, note: str = ""):
         self.figures.append((name, value, unit, note))
         print(f"      {name}: {value:.4g} {unit}  {note}", flush=True)
+        self.write_json()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -228,11 +232,15 @@ class Report:
         for name, value, unit, note in self.figures:
             print(f"{name:<{width}}  {value:>11.4g}  {unit:<8}  {note}")
 
-    def write_json(self, path, device_name: str):
-        rows = dict(device=device_name, elapsed_s=self.elapsed(),
+    def write_json(self):
+        if not self.out:
+            return
+        rows = dict(device=self.device_name, elapsed_s=self.elapsed(),
                     checks=[dict(status=s, name=n, detail=d) for s, n, d in self.checks],
                     figures=[dict(name=n, value=v, unit=u, note=t) for n, v, u, t in self.figures])
-        Path(path).write_text(json.dumps(rows, indent=2) + "\n")
+        tmp = Path(f"{self.out}.tmp")
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+        tmp.replace(self.out)
 
 
 def guarded(report: Report, name: str, fn, *args):
@@ -292,17 +300,20 @@ def random_prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[l
 
 
 class Suite:
-    """pytest in a child process, started before the other checks so that it runs beside them (the tests
-    work on the CPU), and collected before the speed items so that it does not disturb their timings.
-    STEER_TEST_DEVICE names the device for tests that learn to use it."""
+    """pytest in a child process, started before the other checks so that it runs beside them, and
+    collected before the speed items so that it does not disturb their timings. The suite is a CPU
+    suite (Triton interpreted): the child sees no GPU, which it would otherwise fill (a benchmark's
+    default device is cuda) and copy whole through the interpreter. On the GPU machine it checks
+    this code under that machine's Python, torch and triton; tests/conftest.py skips what needs a
+    package missing there (math-verify)."""
 
     def __init__(self, plan: Plan, tmp: Path, timeout: float):
         self.timeout, self.t0 = timeout, time.perf_counter()
-        self.ignored = untestable_files()
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", *plan.suite_paths, "-m", "not slow",
-               *[f"--ignore={f}" for f in self.ignored]]
-        env = dict(os.environ, STEER_TEST_DEVICE=plan.device.type, PYTHONUNBUFFERED="1",
-                   OMP_NUM_THREADS="4")  # leave cores to this process, whose sampler is host-bound
+        workers = min(8, (os.cpu_count() or 2) // 2)
+        parallel = ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") else []
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", *parallel, *plan.suite_paths, "-m", "not slow"]
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", TRITON_INTERPRET="1",
+                   OMP_NUM_THREADS="1" if parallel else "4")  # leave cores to this process, whose sampler is host-bound
         self.log = tmp / "suite.log"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -318,25 +329,15 @@ class Suite:
             self.proc.wait()
         text = self.log.read_text()
         counts = pytest_counts(text)
-        ignored = f"; ignored (math-verify not installed): {', '.join(self.ignored)}" if self.ignored else ""
         summary = ", ".join(f"{n} {what}" for what, n in counts.items()) or "no summary line"
         if self.proc.returncode == -signal.SIGKILL:
-            report.skip(name, f"timed out after {self.timeout:.0f} s ({summary} so far){ignored}")
+            report.skip(name, f"timed out after {self.timeout:.0f} s ({summary} so far)")
         else:
             if self.proc.returncode != 0:
                 print(text[-4000:])
-            report.check(name, self.proc.returncode == 0, f"`{self.command}`: {summary}{ignored}")
+            report.check(name, self.proc.returncode == 0, f"`{self.command}`: {summary}")
         for what, n in counts.items():
             report.figure(f"suite: {what}", n, "tests")
-
-
-def untestable_files() -> list[str]:
-    """Test files importing reward.py or eval.py when math-verify is missing (the GPU image has no such
-    package): ignored, since with -x one collection error would end the suite before any test ran."""
-    if importlib.util.find_spec("math_verify") is not None:
-        return []
-    uses = re.compile(r"^(import|from) (reward|eval)\b", re.MULTILINE)
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if uses.search(p.read_text()))
 
 
 def pytest_counts(text: str) -> dict[str, int]:
@@ -542,13 +543,21 @@ def check_train(report: Report, plan: Plan, tmp: Path):
            "--tiny-dim", str(plan.train_dim), "--tiny-layers", str(plan.train_layers), "--out-dir", str(run_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    timeout = max(30.0, min(300.0, report.budget_s - report.elapsed() - 60))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group: a timeout ends the workers too
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n(killed after {timeout:.0f} s)"
     seconds = time.perf_counter() - t0
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     ok = proc.returncode == 0 and len(lines) == 3
     if not ok:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
+        print(out[-2000:], err[-4000:], sep="\n")
     last = json.loads(lines[-1]) if lines else dict(sample_s=math.nan, train_s=math.nan)
     report.check(f"train: torchrun 1 x {backend}", ok,
                  f"random-tiny d={plan.train_dim} L={plan.train_layers} {dtype_name(plan.dtype)} on "
@@ -749,18 +758,22 @@ def bench_rl_step(report: Report, plan: Plan, rates):
     label = f"rl {shape} {prompts} prompts x {rollouts} x {new_tokens} new tokens"
     if not report.affords(label, rl_estimate(plan, rates, prompts)):
         return
+    available = memory.available_bytes(plan.device)  # before the weights: the plan counts them
     m = race.random_model(shape, plan.dtype, plan.device)
     m.steering.requires_grad_(True)
     cfg = train.TrainConfig(prompts_per_step=prompts, rollouts=rollouts, max_new_tokens=new_tokens,
                             max_len=prompt_len + new_tokens)
-    m.checkpoint_blocks = plan.device.type == "cuda"  # the paper's step does not fit without recompute
+    # the KV pool, the backward's micro-batch and recompute as train.setup takes them: the memory plan's
+    mem = memory.plan(m.config, plan.dtype, plan.device, available=available, trainable=m.steering.numel(),
+                      sequences=prompts * rollouts, longest=cfg.max_len, gpu_memory_fraction=cfg.gpu_memory_fraction)
+    print(mem.summary(), flush=True)
+    m.checkpoint_blocks = mem.recompute
+    cfg = dataclasses.replace(cfg, micro_batch_tokens=mem.micro_batch_tokens)
     own_group = not torch.distributed.is_initialized()
     if own_group:
         cluster.init(plan.device.type)
     try:
-        kv_tokens = None if plan.device.type == "cuda" else prompts * rollouts * (prompt_len + new_tokens + 16)
-        sampler = sample.Sampler(m, kv_cache_tokens=kv_tokens, gpu_memory_fraction=cfg.gpu_memory_fraction,
-                                 max_seq_len=cfg.max_len)
+        sampler = sample.Sampler(m, kv_cache_tokens=mem.kv_cache_tokens, max_seq_len=cfg.max_len)
         optimizer = torch.optim.AdamW([m.steering], lr=cfg.lr)
         batch = random_prompts(prompts, prompt_len, m.config.vocab_size)
         # warm-up: a short step at full decode batch (512 sequences) compiles kernels and captures graphs
@@ -858,7 +871,7 @@ def main(argv=None) -> int:
     device_name = header(plan)
     print(f"device: {device_name}\nbudget {args.budget_s:.0f} s; checks: "
           f"{','.join(c for c in CHECKS + SPEED if c in args.only)}", flush=True)
-    report = Report(args.budget_s)
+    report = Report(args.budget_s, args.out, device_name)
     tmp = Path(tempfile.mkdtemp(prefix="steer-gpu-"))
     try:
         suite = Suite(plan, tmp, args.suite_timeout) if "suite" in args.only else None
@@ -874,8 +887,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report.print_table(device_name)
-    if args.out:
-        report.write_json(args.out, device_name)
+    report.write_json()
     return 1 if report.failed else 0
 
 

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import DATA_DIR
+from conftest import DATA_DIR, needs_math_verify
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -43,6 +43,7 @@ def test_sampler_benchmark_runs_at_tiny_size(capsys):
         assert peak_gib >= 0
 
 
+@needs_math_verify
 @pytest.mark.skipif(not (DATA_DIR / "math_train.jsonl.gz").exists(),
                     reason=f"{DATA_DIR}/math_train.jsonl.gz absent (the reward benchmark grades MATH solutions)")
 @pytest.mark.filterwarnings("ignore:.*math_train.jsonl.gz. skipped 2 bad row:UserWarning")  # MATH's empty answers

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lens
-from conftest import TOKENIZERS, hf_model, token_logprobs, write_checkpoint
+from conftest import TOKENIZERS, hf_model, token_logprobs, write_checkpoint, needs_math_verify
 import model as M
 
 
@@ -535,6 +535,7 @@ def test_cli_lens_bare_form_writes_json(tmp_path, capsys):
     assert (tmp_path / "lens_norms_cosine.png").is_file()  # figures beside a .json --out
 
 
+@needs_math_verify
 def test_cli_every_analysis_writes_json_and_figures(chat_model, tmp_path, capsys):
     steering = str(chat_model.parent / "s.safetensors")
     out = tmp_path / "out"

@@ -14,7 +14,7 @@ import torch
 import model as M
 import sample
 import data
-from conftest import REAL_MODELS, TOKENIZERS, hf_model, token_logprobs, write_checkpoint
+from conftest import REAL_MODELS, TOKENIZERS, hf_model, token_logprobs, write_checkpoint, needs_math_verify
 
 
 @pytest.fixture(scope="module")
@@ -366,6 +366,7 @@ def test_cli_greedy_equals_hf_generate_on_the_chat_prompt(tiny_chat, capsys):
         assert f"=== [{i + 1}/2] {q}\n--- base" in printed and f"---\n{text}\n" in printed
 
 
+@needs_math_verify
 def test_cli_side_by_side_raw_and_file_questions(tiny_chat, tmp_path, capsys):
     """--steering none,FILE: base then steered per question, the steered one equal to naive greedy
     decoding with the vector loaded; --raw encodes the text as is; questions come from JSONL."""
@@ -410,6 +411,7 @@ class EchoSampler:
         return [[sample.Completion(list(p), [0.0] * len(p), "stop") for _ in range(n)] for p in prompts]
 
 
+@needs_math_verify
 def test_cli_grades_with_the_reward_and_prints_accuracy():
     args = sample.parse_cli(["--model", "m", "--n", "2", "x"])
     questions = ["so \\boxed{4}", "so \\boxed{\\frac{1}{2}}", "no box"]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import model as M
+from conftest import needs_math_verify
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -342,6 +343,7 @@ class Table:
 """
 
 
+@needs_math_verify
 def test_eval_during_training_equals_eval_py_and_is_tracked(tmp_path, tiny_with_tokenizer):
     """--eval-every scores the live model with the training sampler; its numbers equal eval.py's on
     the saved vectors (same greedy completions), and --wandb-project gets every metrics line. The
@@ -386,6 +388,7 @@ def test_eval_during_training_equals_eval_py_and_is_tracked(tmp_path, tiny_with_
     assert logged[1]["data"]["steering_norm/1"] == rows[1]["steering_norm"][1]
 
 
+@needs_math_verify
 def test_evaluate_reads_the_live_vector(tmp_path, tiny_with_tokenizer, train_module):
     """train.evaluate on the live model with a random vector equals eval.py on that vector saved:
     the evaluation shares the trained tensors (no reload, no copy)."""
