@@ -11,7 +11,7 @@
 
 The default adapter is one steering vector per layer (L x d, fp32, zeros at init: Sinii et al.);
 the others are LoRA on every MLP down_proj and full fine-tuning (fp32 master weights). A new
-adapter is one class below. Module and tensor names follow the Hugging Face layout (minus the
+adapter is one class in adapters.py. Module and tensor names follow the Hugging Face layout (minus the
 leading "model."), so a checkpoint folder (config.json + safetensors) loads tensor by tensor with
 no renaming table.
 
@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from adapters import ADAPTERS, Adapter, Full, LoRA, Steering, check_options, parse_layers
 
 # -----------------------------------------------------------------------------
 # Config: read both dialects of config.json (hub checkpoints keep rope_theta / rope_scaling at
@@ -218,182 +220,6 @@ class Block(nn.Module):
         return adapter.post_block(layer, x, state)
 
 
-# -----------------------------------------------------------------------------
-# Adapters: what trains and where it enters the forward. Every block calls its adapter at three
-# fixed points; `prepare` runs once per forward (scales and casts), so a point costs one method
-# call. The tensors an adapter reads at those points are read in place, so a CUDA graph captured
-# around the forward sees optimizer updates (see Transformer.adapter_key).
-
-ADAPTERS = ("steering", "lora", "full")
-STEER_AT = ("post-block", "post-attn")
-
-
-def parse_layers(spec: str, num_layers: int, flag: str = "--layers") -> tuple[int, ...]:
-    """'27', '0-13', '20,24,27', '0-3,8' or '' (every layer) -> sorted layer indices."""
-    if not spec.strip():
-        return tuple(range(num_layers))
-    layers = set()
-    for part in spec.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise ValueError(f"{flag} {spec}: '{part}' is not a layer index or a range a-b")
-        a, b = int(lo), int(hi if dash else lo)
-        if a > b:
-            raise ValueError(f"{flag} {spec}: the range '{part}' is empty")
-        if b >= num_layers:
-            raise ValueError(f"{flag} {spec}: out of range 0..{num_layers - 1}")
-        layers.update(range(a, b + 1))
-    return tuple(sorted(layers))
-
-
-class Adapter(nn.Module):
-    kind = ""
-    base_fingerprint = None  # set by adapters that change the base weights (full)
-
-    def prepare(self, dtype, scale):  # once per forward -> `state`, handed to every point
-        return None
-
-    def post_attn(self, layer, h, state):  # h (B, T, d): after the attention residual
-        return h
-
-    def down_proj(self, layer, x, out, state):  # x (B, T, ffn) into down_proj, out (B, T, d) its output
-        return out
-
-    def post_block(self, layer, h, state):  # h (B, T, d): after the MLP residual
-        return h
-
-    def options(self) -> dict:  # what rebuilds it (and its file's metadata): layers, steer_at, rank, alpha
-        return {}
-
-    def trainable(self) -> list:  # the tensors the optimizer updates
-        return list(self.parameters())
-
-    def num_trainable(self) -> int:  # numbers that actually train
-        return sum(p.numel() for p in self.trainable())
-
-    def key(self) -> tuple:  # what a captured graph bakes in: options, and the addresses it reads
-        return (self.kind, tuple(self.options().items()), tuple(p.data_ptr() for p in self.parameters()))
-
-    def after_step(self):  # after optimizer.step(): bring the forward's tensors up to date
-        pass
-
-    def close(self):  # undo what the adapter did to the base model, before it is replaced
-        pass
-
-
-class Steering(Adapter):
-    """h + alpha * steering[l] after the block (or after the attention residual), for the listed
-    layers. Rows of other layers are never read: their gradient is exactly zero, so AdamW (zero
-    moments, decoupled weight decay of zero) keeps them exactly zero."""
-    kind = "steering"
-
-    def __init__(self, num_layers, d, layers, steer_at, device=None, dtype=torch.float32):
-        super().__init__()
-        self.steering = nn.Parameter(torch.zeros(num_layers, d, device=device, dtype=dtype))
-        self.layers, self.steer_at = layers, steer_at
-        listed = set(layers)
-        self.at_attn = tuple(i in listed and steer_at == "post-attn" for i in range(num_layers))
-        self.at_block = tuple(i in listed and steer_at == "post-block" for i in range(num_layers))
-
-    def prepare(self, dtype, scale):
-        return (scale * self.steering).to(dtype)  # (L, d), added in the compute dtype
-
-    def post_attn(self, layer, h, state):
-        return h + state[layer] if self.at_attn[layer] else h
-
-    def post_block(self, layer, h, state):
-        return h + state[layer] if self.at_block[layer] else h
-
-    def options(self):
-        return dict(layers=self.layers, steer_at=self.steer_at)
-
-    def num_trainable(self):
-        return len(self.layers) * self.steering.shape[1]
-
-
-class LoRA(Adapter):
-    """down_proj(x) + (alpha / r) B A x on the listed layers, as PEFT's LoRA (no dropout, PEFT's
-    init: A kaiming-uniform(a=sqrt 5) = U(+-1/sqrt(ffn)), B zeros). A and B are stacked over the
-    listed layers: two tensors whatever L. In a 16-bit model they are cast to the compute dtype
-    for the two matmuls (as torch.autocast does), so the delta runs at the model's rate and autograd
-    saves 16-bit activations; the gradient arrives in the fp32 parameters through the cast."""
-    kind = "lora"
-
-    def __init__(self, cfg: Config, layers, rank, alpha, device=None, dtype=torch.float32):
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(len(layers), rank, cfg.intermediate_size, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(len(layers), cfg.hidden_size, rank, device=device, dtype=dtype))
-        for a in self.lora_A.data:  # per layer: fan_in = ffn (the stacked tensor's would be wrong)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.layers, self.rank, self.alpha, self.scale = layers, rank, alpha, alpha / rank
-        self.slot = tuple(layers.index(i) if i in layers else None for i in range(cfg.num_layers))
-
-    def prepare(self, dtype, scale):
-        return self.lora_A.to(dtype), self.lora_B.to(dtype)
-
-    def down_proj(self, layer, x, out, state):
-        j = self.slot[layer]
-        if j is None:
-            return out
-        A, B = state
-        return out + F.linear(F.linear(x, A[j]), B[j]) * self.scale  # (B, T, r) -> (B, T, d)
-
-    def options(self):
-        return dict(layers=self.layers, rank=self.rank, alpha=self.alpha)
-
-
-class Full(Adapter):
-    """Every base weight trains. The optimizer updates fp32 tensors: the weights themselves in an
-    fp32 (or fp64) model; otherwise fp32 masters, made when training first asks for them (an
-    evaluated fine-tune needs none), while the forward reads the 16-bit weights. Then a hook moves
-    each 16-bit gradient into its master's fp32 .grad as soon as backward produces it (micro-batches
-    accumulate in fp32, no 16-bit gradients are kept), and after_step copies the masters into the
-    16-bit weights IN PLACE: the sampler and its CUDA graphs read the same storage, so the trainer ->
-    sampler weight sync is 0 bytes."""
-    kind = "full"
-
-    def __init__(self, weights: list, base_fingerprint: str):
-        super().__init__()
-        self.weights = tuple(weights)  # the model's own parameters (a tuple: not registered twice)
-        self.base_fingerprint = base_fingerprint
-        self.masters, self.hooks = None, []
-        for w in weights:
-            w.requires_grad_(True)
-
-    def trainable(self):
-        master_dtype = torch.promote_types(self.weights[0].dtype, torch.float32)
-        if self.weights[0].dtype == master_dtype:
-            return list(self.weights)
-        if self.masters is None:
-            self.masters = nn.ParameterList(nn.Parameter(w.detach().to(master_dtype)) for w in self.weights)
-            self.hooks = [w.register_post_accumulate_grad_hook(lambda w, m=m: Full._to_master(w, m))
-                          for w, m in zip(self.weights, self.masters)]
-        return list(self.masters)
-
-    @staticmethod
-    def _to_master(w, master):
-        if master.grad is None:
-            master.grad = w.grad.to(master.dtype)
-        else:
-            master.grad.add_(w.grad)
-        w.grad = None
-
-    def key(self):
-        return (self.kind, tuple(w.data_ptr() for w in self.weights))
-
-    @torch.no_grad()
-    def after_step(self):
-        for w, m in zip(self.weights, self.masters or ()):
-            w.copy_(m)
-
-    def close(self):
-        for h in self.hooks:
-            h.remove()
-        for w in self.weights:
-            w.requires_grad_(False)
-            w.grad = None
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -462,7 +288,7 @@ class Transformer(nn.Module):
         weights (full). `layers`: None / '' (all), a spec for parse_layers, or indices; `lora_alpha`
         None means alpha = rank (scale 1). Options that do not apply to `kind` are ignored.
         Parameters are fp32 (fp64 in a float64 model) on the model's device."""
-        options = self._adapter_options(kind, layers, steer_at, lora_rank, lora_alpha)
+        options = check_options(kind, self.config.num_layers, layers, steer_at, lora_rank, lora_alpha)
         fingerprint = (self.adapter.base_fingerprint or self.fingerprint()) if kind == "full" else None
         self.adapter.close()
         if kind == "full":
@@ -472,37 +298,13 @@ class Transformer(nn.Module):
         self.grad_buffer = None  # the next reset_grads makes the new adapter's
         return self.adapter
 
-    def _adapter_options(self, kind, layers, steer_at, lora_rank, lora_alpha) -> dict:
-        """set_adapter's arguments checked, as the adapter's options() will be."""
-        L = self.config.num_layers
-        if kind not in ADAPTERS:
-            raise ValueError(f"--adapter {kind}: unknown (one of {', '.join(ADAPTERS)})")
-        if layers is not None and not isinstance(layers, str):
-            if not len(layers):
-                raise ValueError("--layers: no layer given")
-            layers = ",".join(str(i) for i in layers)
-        layers = parse_layers(layers or "", L)
-        if kind == "steering":
-            if steer_at not in STEER_AT:
-                raise ValueError(f"--steer-at {steer_at}: unknown (one of {', '.join(STEER_AT)})")
-            return dict(layers=layers, steer_at=steer_at)
-        if kind == "lora":
-            if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
-                raise ValueError(f"--lora-rank {lora_rank}: must be an integer >= 1")
-            lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
-            if not lora_alpha > 0:
-                raise ValueError(f"--lora-alpha {lora_alpha}: must be > 0")
-            return dict(layers=layers, rank=lora_rank, alpha=lora_alpha)
-        if len(layers) != L:
-            raise ValueError("--layers: full fine-tuning trains every layer (leave --layers empty)")
-        return {}
-
     def _new_adapter(self, kind, options) -> Adapter:
         base = self.embed_tokens.weight
         device, dtype = base.device, torch.promote_types(base.dtype, torch.float32)
         if kind == "steering":
             return Steering(self.config.num_layers, self.config.hidden_size, **options, device=device, dtype=dtype)
-        return LoRA(self.config, **options, device=device, dtype=dtype)
+        cfg = self.config
+        return LoRA(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, **options, device=device, dtype=dtype)
 
     def trainable_parameters(self) -> list:
         """The fp32 tensors the optimizer updates (nanoGPT's configure_optimizers, on the model)."""
@@ -603,7 +405,7 @@ class Transformer(nn.Module):
         try:
             rank, alpha = (int(meta["rank"]), float(meta["alpha"])) if kind == "lora" else (None, None)
             layers = parse_layers(meta.get("layers", ""), self.config.num_layers, "'layers'")
-            options = self._adapter_options(kind, layers, meta.get("steer_at", "post-block"), rank, alpha)
+            options = check_options(kind, self.config.num_layers, layers, meta.get("steer_at", "post-block"), rank, alpha)
         except (KeyError, ValueError) as e:
             raise ValueError(f"{where}: bad metadata ({e})") from None
         if kind == "full":

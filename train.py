@@ -13,9 +13,9 @@ One step, on every rank:
     all_reduce(the adapter's flat gradient buffer, SUM)  -- the only tensor that crosses ranks: L x d floats
     clip, AdamW step (identical on every rank, so the vectors never drift apart)
 
-What trains is the model's concern (model.py's adapters): train.py asks it for the trainable
-tensors, their one flat gradient buffer, and to refresh the weights the forward reads after the
-step. The sampler runs on the same module, so the trainer -> sampler weight sync is 0 bytes for
+What trains is the model's concern (its adapter, one of adapters.py): train.py asks it for the
+trainable tensors, their one flat gradient buffer, and to refresh the weights the forward reads
+after the step. The sampler runs on the same module, so the trainer -> sampler weight sync is 0 bytes for
 every adapter, full fine-tuning included.
 
 Determinism: the data order is a seeded permutation per epoch, and each rollout's random numbers
@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import adapters
 import cluster
 import memory
 import model as M
@@ -77,7 +78,7 @@ class TrainConfig:
     dataset: str = _opt("math", "training set for --task math: math (MATH train), gsm8k, deepscaler")
     data_dir: str = _opt("", "folder with the dataset JSONL files (default: $STEER_DATA_DIR, else ../shared/data "
                          "when it exists, else the hub)")
-    # what trains (model.py's adapters; every base weight stays frozen except with --adapter full)
+    # what trains (adapters.py; every base weight stays frozen except with --adapter full)
     adapter: str = _opt("steering", "steering (one vector per layer, the paper's method), lora (rank --lora-rank on "
                         "every MLP down_proj of --layers) or full (every base weight). The paper's learning rates "
                         "(its Table 6 / official configs): steering 1e-3 (Qwen2.5 up to 7B), 5e-4 (14B), 3e-4 "
@@ -296,10 +297,10 @@ def check_config(cfg: TrainConfig, world: int):
     if cfg.eval_every and (cfg.task != "math" or cfg.eval_bench not in data.NAMES):
         problems.append(f"--eval-every needs --task math and an --eval-bench among {', '.join(data.NAMES)} "
                         f"(got --task {cfg.task}, --eval-bench {cfg.eval_bench!r})")
-    if cfg.adapter not in M.ADAPTERS:
-        problems.append(f"--adapter {cfg.adapter!r}: use one of {', '.join(M.ADAPTERS)}")
-    if cfg.steer_at not in M.STEER_AT:
-        problems.append(f"--steer-at {cfg.steer_at!r}: use one of {', '.join(M.STEER_AT)}")
+    if cfg.adapter not in adapters.ADAPTERS:
+        problems.append(f"--adapter {cfg.adapter!r}: use one of {', '.join(adapters.ADAPTERS)}")
+    if cfg.steer_at not in adapters.STEER_AT:
+        problems.append(f"--steer-at {cfg.steer_at!r}: use one of {', '.join(adapters.STEER_AT)}")
     if cfg.lora_rank < 1 or cfg.lora_alpha < 0:
         problems.append(f"--lora-rank {cfg.lora_rank} / --lora-alpha {cfg.lora_alpha}: rank >= 1, alpha >= 0")
     if cfg.adapter == "full" and cfg.layers:
@@ -761,7 +762,7 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
                          "(longest prompt + completion budget): raise it, or lower --max-len")
 
     config = M.Config.from_json(M.resolve_checkpoint(model_path) / "config.json")
-    M.parse_layers(cfg.layers, config.num_layers)  # an out-of-range --layers is refused before the model loads
+    adapters.parse_layers(cfg.layers, config.num_layers)  # an out-of-range --layers is refused before the model loads
 
     dtype = M.auto_dtype(c.device) if cfg.dtype == "auto" else cfg.dtype
     available = memory.available_bytes(c.device)  # before the weights load: the plan counts them

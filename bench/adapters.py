@@ -5,7 +5,7 @@ the bytes all-reduced per step (the paper's Tables 3 / 5, from our own code).
     python bench/adapters.py --tiny     # a tiny shape (CI keeps this alive)
 
 The models are built on the meta device from each checkpoint's published config.json numbers,
-so nothing is allocated or downloaded; model.py's adapters report their own sizes
+so nothing is allocated or downloaded; adapters.py's adapters report their own sizes
 (num_trainable, trainable_bytes). Optimizer state is AdamW's two fp32 moments; full fine-tuning
 of a bf16 model also keeps fp32 master weights. The all-reduce is train.py's one flat fp32
 gradient buffer per step.

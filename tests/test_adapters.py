@@ -1,4 +1,4 @@
-"""The adapter seam in model.py: LoRA against HF transformers + peft, gradients of every adapter
+"""adapters.py and the seam in model.py: LoRA against HF transformers + peft, gradients of every adapter
 against central finite differences (float64) and against HF autograd (full fine-tuning),
 layer subsets and post-attn steering against hooked HF models, the 16-bit master-weight path,
 adapter files and folders, graph keys, and the refusals."""
@@ -10,6 +10,7 @@ import torch
 from conftest import hf_model, write_checkpoint
 from safetensors.torch import load_file, save_file
 
+import adapters
 import model as M
 
 D, FFN = 64, 128  # conftest.hf_model's default sizes
@@ -232,7 +233,7 @@ def test_steering_points_match_hooked_hf(three_layers, steer_at, layers):
         model.steering_scale = 0.5
         toks = tokens(T=30)
         plain = hf(toks).logits
-        listed = M.parse_layers(layers or "", 3)
+        listed = adapters.parse_layers(layers or "", 3)
         module = (lambda block: block.self_attn) if steer_at == "post-attn" else (lambda block: block)
         handles = hook_adds(hf, 0.5 * vec, module, listed)
         ref = hf(toks).logits
@@ -465,7 +466,7 @@ def test_full_folder_refusals(tiny_qwen, tmp_path):
 @pytest.mark.parametrize("spec,want", [("", (0, 1, 2, 3)), ("2", (2,)), ("0-2", (0, 1, 2)), ("3,1,1", (1, 3)),
                                        ("0-1,3", (0, 1, 3))])
 def test_parse_layers(spec, want):
-    assert M.parse_layers(spec, 4) == want
+    assert adapters.parse_layers(spec, 4) == want
 
 
 @pytest.mark.parametrize("spec,error", [("4", "--layers 4: out of range 0..3"), ("1-7", "out of range"),
@@ -473,7 +474,7 @@ def test_parse_layers(spec, want):
                                         ("3-1", "empty"), ("1,,2", "'' is not")])
 def test_parse_layers_refusals(spec, error):
     with pytest.raises(ValueError, match=error):
-        M.parse_layers(spec, 4)
+        adapters.parse_layers(spec, 4)
 
 
 @pytest.mark.parametrize("kind,options,error", [
