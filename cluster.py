@@ -48,13 +48,13 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> Cluster:
         dev = torch.device("cpu")
     else:
         raise SystemExit(f"--device {device!r}: use auto, cpu or cuda")
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    backend, device_id = ("nccl", dev) if dev.type == "cuda" else ("gloo", None)
     if "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, store=restart_store(world, timeout_s), rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None)
+                                timeout=timedelta(seconds=timeout_s), device_id=device_id)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timedelta(seconds=timeout_s), device_id=dev if dev.type == "cuda" else None)
+                                timeout=timedelta(seconds=timeout_s), device_id=device_id)
     return Cluster(rank, world, dev)
 
 
