@@ -15,7 +15,7 @@
   projections, MLP and steering; the closure only stores k/v into the pool and attends.
   Prefill packs variable-length sequences into one row (causal per sequence); decode feeds one
   token per running sequence and attends through the block tables.
-- kernels.py's Triton kernels on CUDA (KV store through a slot mapping, paged decode attention
+- paged_attention.py's Triton kernels on CUDA (KV store through a slot mapping, paged decode attention
   with split-KV), decode captured in CUDA graphs; its pure-PyTorch path does the same on CPU and
   is the reference the kernels are tested against.
 
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from kernels import (HAS_TRITON, paged_decode_attention_torch, paged_decode_attention_triton, store_kv_torch,
+from paged_attention import (HAS_TRITON, paged_decode_attention_torch, paged_decode_attention_triton, store_kv_torch,
                      store_kv_triton)
 
 

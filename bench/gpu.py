@@ -46,12 +46,12 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-# kernels.py decides at import whether its kernels are compiled or interpreted: on CPU tensors
+# paged_attention.py decides at import whether its kernels are compiled or interpreted: on CPU tensors
 # (--tiny, or no GPU) they must run in the Triton interpreter, so this comes before the imports below
 if "--tiny" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels  # noqa: E402
+import paged_attention  # noqa: E402
 import memory  # noqa: E402
 import model as M  # noqa: E402
 import rloo  # noqa: E402
@@ -169,8 +169,8 @@ def parse_args(argv):
 
 def make_plan(args) -> Plan:
     tiny = args.tiny or not torch.cuda.is_available()
-    if tiny and not kernels.INTERPRET:
-        raise SystemExit("--tiny runs the Triton kernels on CPU tensors: set TRITON_INTERPRET=1 before kernels.py "
+    if tiny and not paged_attention.INTERPRET:
+        raise SystemExit("--tiny runs the Triton kernels on CPU tensors: set TRITON_INTERPRET=1 before paged_attention.py "
                          "is imported")
     fields = dict(TINY_PLAN if tiny else GPU_PLAN)
     flags = ("shapes", "batches", "contexts", "rl_prompts", "rl_rollouts", "rl_new_tokens", "train_dim", "train_layers")
@@ -377,8 +377,8 @@ def check_store_kv(report, device, dtype, kv_heads, head_dim, g):
     slots = torch.tensor([0, 17, 15, 16, -1, num_blocks * block - 1, 40], device=device)
     want = pool.clone()
     rows = slots >= 0
-    kernels.store_kv_torch(want[0], want[1], kv[rows, 0], kv[rows, 1], slots[rows])
-    kernels.store_kv_triton(pool[0], pool[1], kv[:, 0], kv[:, 1], slots)
+    paged_attention.store_kv_torch(want[0], want[1], kv[rows, 0], kv[rows, 1], slots[rows])
+    paged_attention.store_kv_triton(pool[0], pool[1], kv[:, 0], kv[:, 1], slots)
     synchronize(device)
     report.check(f"kernels: store_kv {dtype_name(dtype)} KVH={kv_heads} D={head_dim}", torch.equal(pool, want),
                  "pool equals the PyTorch path bit for bit")
@@ -397,12 +397,12 @@ def check_decode_attention(report, plan, dtype, heads, kv_heads, head_dim, g):
     q = torch.randn(len(lens), heads, head_dim, generator=g) * 2  # (B, H, D); x2: attention not near uniform
     k_cache, v_cache = torch.randn(2, num_blocks, block, kv_heads, head_dim, generator=g)
     q, k_cache, v_cache = (x.to(dtype) for x in (q, k_cache, v_cache))
-    want = kernels.paged_decode_attention_torch(q.float().to(device), k_cache.float().to(device),
+    want = paged_attention.paged_decode_attention_torch(q.float().to(device), k_cache.float().to(device),
                                                 v_cache.float().to(device), tables.to(device), lens.to(device),
                                                 head_dim ** -0.5)
     errors, zero_row = [], True
     for splits in plan.splits:
-        got = kernels.paged_decode_attention_triton(q.to(device), k_cache.to(device), v_cache.to(device),
+        got = paged_attention.paged_decode_attention_triton(q.to(device), k_cache.to(device), v_cache.to(device),
                                                     tables.to(device, torch.int32), lens.to(device, torch.int32),
                                                     head_dim ** -0.5, num_splits=splits)
         errors.append(relative_error(got, want))
@@ -863,7 +863,7 @@ def header(plan: Plan) -> str:
     else:
         name = f"cpu ({torch.get_num_threads()} threads), tiny plan, Triton interpreter"
     import transformers
-    triton = kernels.triton.__version__ if kernels.HAS_TRITON else "absent"
+    triton = paged_attention.triton.__version__ if paged_attention.HAS_TRITON else "absent"
     return f"{name}; torch {torch.__version__}, triton {triton}, transformers {transformers.__version__}"
 
 

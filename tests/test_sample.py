@@ -1,6 +1,6 @@
 """sample.py against references: naive full-recompute decoding with model.py, HF generate,
 model.py's log-softmax, the softmax distribution itself, and the sampler's PyTorch path for its
-Triton path (kernels run by the interpreter on CPU tensors; the kernels alone: test_kernels.py).
+Triton path (kernels run by the interpreter on CPU tensors; the kernels alone: test_paged_attention.py).
 The CLI (python sample.py) against HF generate on the chat prompt HF's own tokenizer renders."""
 import io
 import json

@@ -1,4 +1,4 @@
-"""kernels.py: every Triton kernel (run by the interpreter on CPU tensors, TRITON_INTERPRET=1
+"""paged_attention.py: every Triton kernel (run by the interpreter on CPU tensors, TRITON_INTERPRET=1
 set in conftest) against its PyTorch reference twin, in each cache dtype; and each compiled for
 real, ahead of time, for sm_90 (what the interpreter never does)."""
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import paged_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,8 @@ def test_store_kv_kernel(dtype):
     slots = torch.tensor([0, 17, 15, 16, -1, 79])  # block boundaries, and a padding row (-1) that must be skipped
     want_k, want_v = k_cache.clone(), v_cache.clone()
     keep = slots >= 0
-    kernels.store_kv_torch(want_k, want_v, k[keep], v[keep], slots[keep])
-    kernels.store_kv_triton(k_cache, v_cache, k, v, slots)
+    paged_attention.store_kv_torch(want_k, want_v, k[keep], v[keep], slots[keep])
+    paged_attention.store_kv_triton(k_cache, v_cache, k, v, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
@@ -40,8 +40,8 @@ def test_paged_decode_attention_kernel(dtype, heads, kv_heads, splits):
     q = (torch.randn(5, heads, D) * 2).to(dtype)
     k_cache, v_cache = (torch.randn(num_blocks, bs, kv_heads, D).to(dtype) for _ in range(2))
     scale = D ** -0.5
-    got = kernels.paged_decode_attention_triton(q, k_cache, v_cache, table, seq_lens, scale, num_splits=splits)
-    want = kernels.paged_decode_attention_torch(q.float(), k_cache.float(), v_cache.float(), table.long(), seq_lens,
+    got = paged_attention.paged_decode_attention_triton(q, k_cache, v_cache, table, seq_lens, scale, num_splits=splits)
+    want = paged_attention.paged_decode_attention_torch(q.float(), k_cache.float(), v_cache.float(), table.long(), seq_lens,
                                                 scale)
     assert got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -58,7 +58,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels
+import paged_attention
 
 def compile_kernel(fn, pointers, scalars, constexprs):
     sig = {**pointers, **scalars, **{name: "constexpr" for name in constexprs}}
@@ -69,16 +69,16 @@ done = []
 for case in json.loads(sys.argv[1]):
     kv, g, d, splits = case["cache"], case["group"], case["head_dim"], case["splits"]
     upcast = kv == "fp32"
-    c = compile_kernel(kernels._paged_decode_kernel,
+    c = compile_kernel(paged_attention._paged_decode_kernel,
                        dict(q_ptr="*" + kv, k_cache_ptr="*" + kv, v_cache_ptr="*" + kv, block_tables_ptr="*i32",
                             seq_lens_ptr="*i32", out_ptr="*fp32", lse_ptr="*fp32"),
                        dict(scale="fp32", stride_bt="i32", blocks_per_split="i32"),
                        dict(KVH=case["kv_heads"], GROUP=g, GROUP_PAD=max(16, triton.next_power_of_2(g)), D=d, BLOCK=16,
                             NUM_SPLITS=splits, UPCAST=upcast, IEEE=upcast, WHILE_LOOP=False))
-    m = compile_kernel(kernels._merge_splits_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*" + kv), {},
+    m = compile_kernel(paged_attention._merge_splits_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*" + kv), {},
                        dict(NUM_SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), D=d))
     row = case["kv_heads"] * d
-    s = compile_kernel(kernels._store_kv_kernel, dict(k_ptr="*" + kv, v_ptr="*" + kv, k_cache_ptr="*" + kv,
+    s = compile_kernel(paged_attention._store_kv_kernel, dict(k_ptr="*" + kv, v_ptr="*" + kv, k_cache_ptr="*" + kv,
                                                       v_cache_ptr="*" + kv, slot_ptr="*i64"),
                        dict(stride_k="i32", stride_v="i32"), dict(ROW=row, ROW_PAD=triton.next_power_of_2(row)))
     done.append([len(k.asm["cubin"]) for k in (c, m, s)])
@@ -86,7 +86,7 @@ print(json.dumps(done))
 """
 
 
-@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not paged_attention.HAS_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_sm90():
     """Qwen2.5-1.5B's decode (12 q / 2 kv heads, D 128) in bf16 at 4 splits, Qwen2.5-7B's (28 / 4) in
     fp16, and MHA at D 64 in fp32 (the upcast / IEEE variant): every kernel yields a cubin."""
