@@ -9,8 +9,11 @@ and the loss is the plain REINFORCE estimator with that baseline,
 
     loss = -(1 / Z) * sum_i A_i * sum_t log pi(y_it | prefix),
 
-fully on-policy (the rollouts come from the current parameters): no importance ratio, no
-clipping, no KL term. Z is the normalisation, one of:
+fully on-policy (the rollouts come from the current parameters): no clipping, no KL term. The
+one off-policy correction is optional: the sampler's log-probs can differ from the trainer's
+for the same parameters (bf16, CUDA graphs, other kernels), and truncated importance sampling
+(Yao et al., 2025) weights each token by w_it = min(pi_train(y_it) / pi_sampler(y_it), C), held
+constant in the gradient. Z is the normalisation, one of:
 
     token     Z = total completion tokens of the step, over every rank (the paper's choice)
     sequence  each sequence's sum is first divided by its own length; Z = number of sequences
@@ -42,20 +45,28 @@ def advantages(rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, torch.zeros_like(adv), adv).float()
 
 
+def truncated_is_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token weights min(pi_train / pi_sampler, cap), no gradient: logprobs and sampler_logprobs
+    are log-probs of the same tokens, any shape."""
+    return (logprobs.detach() - sampler_logprobs).exp().clamp(max=cap)
+
+
 def policy_loss(logprobs: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, norm: str = "token",
                 total_tokens: float | None = None, total_sequences: float | None = None,
-                max_completion_len: float | None = None) -> torch.Tensor:
+                max_completion_len: float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The RLOO loss of one micro-batch, already divided by the whole step's normaliser.
 
     logprobs (B, T) fp32: log pi(token) of each target position (logits / temperature),
     mask (B, T): 1 on completion tokens, 0 on prompt and padding, adv (B,).
     total_tokens: completion tokens in the whole step, all ranks (norm="token").
     total_sequences: rollouts in the whole step, all ranks (norm="sequence", "constant").
-    max_completion_len: the completion budget (norm="constant")."""
+    max_completion_len: the completion budget (norm="constant").
+    weights (B, T), optional: per-token importance weights (truncated_is_weights), no gradient."""
     if norm not in NORMALIZATIONS:
         raise ValueError(f"loss normalisation '{norm}' is unknown (use one of {NORMALIZATIONS})")
     mask = mask.to(logprobs.dtype)
-    seq_logprob = (logprobs * mask).sum(1)  # (B,) log pi(y_i), prompt and pads excluded
+    token_weight = mask if weights is None else mask * weights.detach().to(logprobs.dtype)
+    seq_logprob = (logprobs * token_weight).sum(1)  # (B,) log pi(y_i) (importance-weighted), prompt and pads excluded
     adv = adv.to(logprobs.dtype)
     if norm == "token":
         _need(total_tokens, "total_tokens", norm)

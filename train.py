@@ -49,6 +49,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import adapters
@@ -108,6 +109,13 @@ class TrainConfig:
                           "sequence (mean of per-sequence means), constant (÷ sequences x completion budget, "
                           "Dr. GRPO; the budget is max_new_tokens, or max_len when that is 0)")
     reward: str = _opt("pm1", "math reward values: pm1 (+1 correct / -1 wrong) or 01 (1 / 0)")
+    dynamic_sampling: int = _opt(0, "DAPO's dynamic sampling: up to this many extra sampling rounds per step, each "
+                                 "drawing fresh prompts for those whose rollouts all got the same reward (no "
+                                 "signal), until the step has --prompts-per-step prompts with signal; the rest stay "
+                                 "as drawn. 0 = off (the paper's). Logged: dynamic_draws, signal_prompts")
+    tis_cap: float = _opt(0.0, "truncated importance sampling: weight each token's log-prob in the loss by "
+                          "min(pi_train / pi_sampler, C), correcting the sampler/trainer gap (logprob_gap; bf16, "
+                          "CUDA graphs). 0 = off (the paper's); Yao et al. use C = 2")
     epochs: int = _opt(1, "passes over the training set")
     max_steps: int = _opt(0, "stop after this many steps (0 = the epochs decide)")
     seed: int = _opt(0, "seeds the data order, the rollouts and the random-tiny model")
@@ -282,6 +290,10 @@ def check_config(cfg: TrainConfig, world: int):
         problems.append(f"--loss-norm {cfg.loss_norm!r}: use one of {rloo.NORMALIZATIONS}")
     if cfg.reward not in ("pm1", "01"):
         problems.append(f"--reward {cfg.reward!r}: use pm1 or 01")
+    if cfg.dynamic_sampling < 0:
+        problems.append(f"--dynamic-sampling {cfg.dynamic_sampling}: extra rounds per step, >= 0")
+    if not (cfg.tis_cap == 0 or 1 <= cfg.tis_cap < math.inf):
+        problems.append(f"--tis-cap {cfg.tis_cap}: 0 (off) or a finite cap >= 1")
     if cfg.max_prompt_len >= cfg.max_len:
         problems.append(f"--max-prompt-len {cfg.max_prompt_len} leaves no room for a completion "
                         f"in --max-len {cfg.max_len}")
@@ -439,88 +451,190 @@ def sample(sampler, task: Task, cfg: TrainConfig, step: int, prompt_indices: lis
     return [c for group in groups for c in group]
 
 
-# -----------------------------------------------------------------------------
-# The backward: right-padded micro-batches of (prompt + completion), longest first, each at most
-# micro_batch_tokens padded tokens; the loss counts completion positions only.
+@dataclass
+class Rollout:
+    completion: list[int]
+    advantage: float
+    sampler_logprobs: list[float]  # one per completion token
 
 
 @dataclass
-class Rollout:
+class Group:
+    """A prompt and those of its rollouts that go through one shared forward."""
     prompt: list[int]
-    completion: list[int]
-    advantage: float
-    sampler_logprobs: list[float]
+    rollouts: list[Rollout]
+
+    def width(self) -> int:  # the completion rows' padded width in the forward (the last token is a target only)
+        return max(len(r.completion) for r in self.rollouts) - 1
+
+    def tokens(self) -> int:  # tokens forwarded: the prompt once, each completion but its last token
+        return len(self.prompt) + sum(len(r.completion) - 1 for r in self.rollouts)
 
 
-def micro_batches(rollouts: list[Rollout], budget: int) -> list[list[Rollout]]:
-    """Sorted by length so rows of a batch pad little; a row longer than the budget goes alone."""
-    order = sorted(rollouts, key=lambda r: len(r.prompt) + len(r.completion), reverse=True)
+def as_groups(task: Task, cfg: TrainConfig, prompt_indices: list[int], completions, adv) -> list[Group]:
+    """Flat prompt-major completions and their (P, N) advantages -> one Group per prompt."""
+    N = cfg.rollouts
+    return [Group(task.prompts[i], [Rollout(comp.tokens, a, comp.logprobs)
+                                    for comp, a in zip(completions[k * N:(k + 1) * N], adv[k].tolist())])
+            for k, i in enumerate(prompt_indices)]
+
+
+def has_signal(group: Group) -> bool:
+    return any(r.advantage != 0 for r in group.rollouts)
+
+
+def refill(run, step: int, groups: list[Group]) -> tuple[list[Group], int]:
+    """Dynamic sampling (DAPO): the step's prompts whose rollouts all got the same reward carry no
+    signal; replace them by fresh prompts, in up to --dynamic-sampling rounds of as many draws as
+    are still missing. Fresh prompts are drawn at random from the training set, seeded by (seed,
+    step, rank, round), and sampled under prompt offsets past the step's own, so a resumed run draws
+    the same. Groups still without signal after the last round fill the step up to its size.
+    Returns (this rank's groups, the extra prompts drawn)."""
+    cfg, c, task = run.cfg, run.cluster, run.task
+    per_rank = len(groups)
+    kept, flat, draws = [g for g in groups if has_signal(g)], [g for g in groups if not has_signal(g)], 0
+    for round_ in range(cfg.dynamic_sampling):
+        missing = per_rank - len(kept)
+        if missing == 0:
+            break
+        gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + c.rank) * 257 + round_)
+        indices = torch.randint(len(task.prompts), (missing,), generator=gen).tolist()
+        completions = sample(run.sampler, task, cfg, step, indices,
+                             cfg.prompts_per_step * (round_ + 1) + c.rank * per_rank)
+        owners = [i for i in indices for _ in range(cfg.rollouts)]
+        rewards, _ = task.reward([comp.tokens for comp in completions], owners)
+        adv = rloo.advantages(torch.tensor(rewards).view(missing, cfg.rollouts))
+        kept += [g for g in as_groups(task, cfg, indices, completions, adv) if has_signal(g)]
+        draws += missing
+    return kept + flat[:per_rank - len(kept)], draws
+
+# -----------------------------------------------------------------------------
+# The backward, with two savings that leave the gradient exactly as one forward per rollout gives:
+# - a rollout whose advantage is 0 adds A * grad log pi = 0: it is not forwarded at all (the loss's
+#   normaliser was counted over every rollout before, as the paper's token mean does);
+# - a prompt is forwarded once for its rollouts: the completions attend to its keys and values at
+#   every layer, and autograd sums their gradients through the shared prompt.
+
+
+def with_signal(groups: list[Group]) -> list[Group]:
+    """Only the rollouts whose gradient is not exactly zero: advantage != 0 and a completion at all."""
+    kept = [Group(g.prompt, [r for r in g.rollouts if r.advantage != 0 and r.completion]) for g in groups]
+    return [g for g in kept if g.rollouts]
+
+
+def padded_tokens(batch: list[Group]) -> int:
+    """A micro-batch's forward size: its prompts right-padded to the longest, then its completion rows."""
+    return (len(batch) * max(len(g.prompt) for g in batch) +
+            sum(len(g.rollouts) for g in batch) * max(g.width() for g in batch))
+
+
+def micro_batches(groups: list[Group], budget: int) -> list[list[Group]]:
+    """Groups packed longest first into micro-batches of at most `budget` padded tokens. A group
+    bigger than the budget is cut into pieces of fewer rollouts, each forwarding the prompt again
+    (still exact), down to one rollout per piece, which goes alone when even that is too big."""
+    pieces = []
+    for g in groups:
+        per_piece = max(1, (budget - len(g.prompt)) // max(g.width(), 1))
+        pieces += [Group(g.prompt, g.rollouts[i:i + per_piece]) for i in range(0, len(g.rollouts), per_piece)]
+    pieces.sort(key=lambda g: len(g.prompt) + g.width(), reverse=True)
     batches, current = [], []
-    for r in order:
-        width = len(current[0].prompt) + len(current[0].completion) - 1 if current else 0  # longest row first
-        if current and (len(current) + 1) * width > budget:
+    for g in pieces:
+        if current and padded_tokens(current + [g]) > budget:
             batches.append(current)
             current = []
-        current.append(r)
+        current.append(g)
     return batches + [current] if current else batches
 
 
-def backward(model, batch: list[Rollout], cfg: TrainConfig, vocab_size, totals: dict, device):
-    """Loss of one micro-batch (already divided by the step's normaliser), backpropagated into
-    the adapter. Returns (loss, sum of |train log-prob - sampler log-prob| over its tokens)."""
-    width = max(len(r.prompt) + len(r.completion) for r in batch) - 1
-    inputs = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T) right-padded with id 0 (masked out)
-    targets = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.bool)
-    for b, r in enumerate(batch):
-        seq = torch.tensor(r.prompt + r.completion)
-        inputs[b, :len(seq) - 1], targets[b, :len(seq) - 1] = seq[:-1], seq[1:]
-        mask[b, len(r.prompt) - 1:len(seq) - 1] = True  # position t predicts token t+1: the completion
-    inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
-    adv = torch.tensor([r.advantage for r in batch], device=device)
-    hidden = model.hidden_states(inputs)  # (B, T, d)
-    # the head runs on completion positions only: prompt and padding rows need no logits
-    picked = M.chunked_logprobs(hidden[mask], model.head_weight, targets[mask], cfg.temperature, vocab_size)
+def backward(model, batch: list[Group], cfg: TrainConfig, vocab_size, totals: dict, device):
+    """Loss of one micro-batch (already divided by the step's normaliser), backpropagated into the
+    adapter. Two forwards: the G prompts (right-padded), recording each layer's keys and values;
+    then the R completion rows, each attending to its prompt's keys and values and causally to its
+    own. Returns (loss, sum of |train log-prob - sampler log-prob| over its tokens)."""
+    owner = torch.tensor([gi for gi, g in enumerate(batch) for _ in g.rollouts], device=device)  # (R,)
+    rows = [r for g in batch for r in g.rollouts]
+    prompt_len = torch.tensor([len(g.prompt) for g in batch], device=device)  # (G,)
+    P, C = int(prompt_len.max()), max(len(r.completion) for r in rows)
+    prompts = torch.zeros(len(batch), P, dtype=torch.long)  # (G, P), right-padded with id 0
+    completions = torch.zeros(len(rows), C, dtype=torch.long)  # (R, C): the targets
+    sampler = torch.zeros(len(rows), C)
+    for gi, g in enumerate(batch):
+        prompts[gi, :len(g.prompt)] = torch.tensor(g.prompt)
+    for ri, r in enumerate(rows):
+        completions[ri, :len(r.completion)] = torch.tensor(r.completion)
+        sampler[ri, :len(r.completion)] = torch.tensor(r.sampler_logprobs)
+    prompts, completions, sampler = prompts.to(device), completions.to(device), sampler.to(device)
+    mask = torch.arange(C, device=device) < torch.tensor([len(r.completion) for r in rows], device=device)[:, None]
+
+    kv = {}  # layer -> the prompts' (k, v), (G, P, KVH, D), rope applied
+
+    def record(layer, q, k, v):
+        kv[layer] = (k, v)
+        return M.causal_attention(layer, q, k, v)
+    prompt_hidden = model.hidden_states(prompts, attend=record)  # (G, P, d)
+    hidden = prompt_hidden[owner, prompt_len[owner] - 1][:, None]  # (R, 1, d): predicts each first token
+    if C > 1:
+        own = torch.ones(C - 1, C - 1, dtype=torch.bool, device=device).tril()  # (C-1, C-1) causal
+        sees_prompt = (torch.arange(P, device=device) < prompt_len[owner][:, None])[:, None, :]  # (R, 1, P)
+        allowed = torch.cat((sees_prompt.expand(-1, C - 1, -1), own.expand(len(rows), -1, -1)), 2)[:, None]
+
+        def after_prompt(layer, q, k, v):  # q (R, T, H, D), k/v (R, T, KVH, D) -> (R, T, H, D)
+            pk, pv = kv[layer]
+            k, v = torch.cat((pk[owner], k), 1), torch.cat((pv[owner], v), 1)  # (R, P + T, KVH, D)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=allowed, enable_gqa=True)
+            return out.transpose(1, 2)
+        positions = prompt_len[owner][:, None] + torch.arange(C - 1, device=device)  # (R, C-1)
+        rest = model.hidden_states(completions[:, :-1], positions, attend=after_prompt)  # (R, C-1, d)
+        hidden = torch.cat((hidden, rest), 1)  # (R, C, d): position t predicts completion token t
+    # the head runs on completion tokens only: padding rows need no logits
+    picked = M.chunked_logprobs(hidden[mask], model.head_weight, completions[mask], cfg.temperature, vocab_size)
     logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=device)
-    logprobs[mask] = picked  # (B, T)
-    loss = rloo.policy_loss(logprobs, mask, adv, cfg.loss_norm, **totals)
+    logprobs[mask] = picked  # (R, C)
+    adv = torch.tensor([r.advantage for r in rows], device=device)
+    weights = rloo.truncated_is_weights(logprobs, sampler, cfg.tis_cap) if cfg.tis_cap else None
+    loss = rloo.policy_loss(logprobs, mask, adv, cfg.loss_norm, **totals, weights=weights)
     if torch.isfinite(loss):
         loss.backward()
-    sampler = torch.tensor([lp for r in batch for lp in r.sampler_logprobs], device=device)
-    return loss.detach(), (picked.detach() - sampler).abs().sum()
+    return loss.detach(), (picked.detach() - sampler[mask]).abs().sum()
 
 @dataclass
-class Gradient:
-    """What accumulate_gradient did: the summed loss and |log-prob gap|, the micro-batches it took,
-    whether some loss was non-finite, and the budget it ended with after halving on OOM."""
+class BackwardRecord:
+    """What accumulate_gradient did: the summed loss and |log-prob gap| (over `tokens` completion
+    tokens), the tokens it forwarded, the micro-batches it took, whether some loss was non-finite,
+    and the budget it ended with after halving on OOM."""
     loss: float
     gap: float
+    gap_tokens: int
+    forwarded_tokens: int
     micro_batches: int
     bad_loss: bool
     budget: int
     oom_retries: int
 
 
-def accumulate_gradient(model, rollouts: list[Rollout], cfg: TrainConfig, vocab_size, totals: dict, device,
-                        budget: int) -> Gradient:
+def accumulate_gradient(model, groups: list[Group], cfg: TrainConfig, vocab_size, totals: dict, device,
+                        budget: int) -> BackwardRecord:
     """Backward over micro-batches of at most `budget` padded tokens into the adapter's zeroed
-    gradient buffer.
+    gradient buffer. `groups` hold only rollouts with signal (with_signal); none at all is a zero
+    gradient.
     Out of GPU memory in a micro-batch: free what it held, halve the budget and redo the whole
-    step's backward (the gradient is the same sum, only grouped differently); below one sequence,
-    give up with the numbers."""
-    longest = max(len(r.prompt) + len(r.completion) - 1 for r in rollouts)
+    step's backward (the gradient is the same sum, only grouped differently); below one prompt and
+    one completion, give up with the numbers."""
+    longest = max((len(g.prompt) + g.width() for g in groups), default=0)
     retries = 0
     while True:
         model.reset_grads()
         loss, gap, bad_loss = 0.0, 0.0, False
-        batches = micro_batches(rollouts, budget)
+        batches = micro_batches(groups, budget)
         try:
             for batch in batches:
                 mb_loss, mb_gap = backward(model, batch, cfg, vocab_size, totals, device)
                 bad_loss |= not bool(torch.isfinite(mb_loss))
                 loss += mb_loss.item()
                 gap += mb_gap.item()
-            return Gradient(loss, gap, len(batches), bad_loss, budget, retries)
+            return BackwardRecord(loss, gap, sum(len(r.completion) for g in groups for r in g.rollouts),
+                                  sum(g.tokens() for b in batches for g in b), len(batches), bad_loss, budget, retries)
         except torch.OutOfMemoryError:
             pass  # outside the handler, so the traceback's frames (and the tensors they hold) are gone
         if budget <= longest:
@@ -820,14 +934,20 @@ def rl_step(run: Run, step: int) -> dict:
     adv = rloo.advantages(torch.tensor(rewards).view(per_rank, cfg.rollouts))  # a prompt's rollouts share a rank
     t2 = time.perf_counter()
 
+    groups = as_groups(task, cfg, prompt_indices, completions, adv)
+    draws = 0
+    if cfg.dynamic_sampling:
+        groups, draws = refill(run, step, groups)
+    t_refill = time.perf_counter()
+
     lengths = [len(comp.tokens) for comp in completions]
-    count = torch.tensor([float(sum(lengths))], dtype=torch.float64, device=c.device)
+    count = torch.tensor([float(sum(len(r.completion) for g in groups for r in g.rollouts))], dtype=torch.float64,
+                         device=c.device)
     dist.all_reduce(count)  # the loss divides by the whole step's completion tokens
     totals = dict(total_sequences=P * cfg.rollouts, max_completion_len=cfg.max_new_tokens or cfg.max_len,
                   total_tokens=max(count.item(), 1.0))
-    rollouts = [Rollout(task.prompts[i], comp.tokens, a, comp.logprobs)
-                for i, comp, a in zip(owners, completions, adv.view(-1).tolist())]
-    grad = accumulate_gradient(run.model, rollouts, cfg, task.vocab_size, totals, c.device, run.micro_batch_tokens)
+    grad = accumulate_gradient(run.model, with_signal(groups), cfg, task.vocab_size, totals, c.device,
+                               run.micro_batch_tokens)
     run.micro_batch_tokens = grad.budget  # a budget halved on OOM stays halved for the rest of the run
     lr = cfg.lr * min(1.0, (step + 1) / run.warmup_steps) if run.warmup_steps else cfg.lr
     grad_norm, skipped = reduce_and_step(run.model, run.optimizer, cfg, lr, grad.bad_loss)
@@ -842,17 +962,25 @@ def rl_step(run: Run, step: int) -> dict:
              reward_workers_replaced=pool.get("replaced", 0), reward_workers_recycled=pool.get("recycled", 0),
              truncated=sum(comp.finish_reason == "length" for comp in completions), adv_abs=adv.abs().sum().item(),
              adv_sq=adv.pow(2).sum().item(), zero_adv_prompts=(adv == 0).all(1).sum().item(), loss=grad.loss,
-             gap=grad.gap, oom_retries=grad.oom_retries),
-        dict(completion_len=max(lengths), sample_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2), c.device)
+             gap=grad.gap, gap_tokens=grad.gap_tokens, oom_retries=grad.oom_retries,
+             forwarded=grad.forwarded_tokens, naive=sum(len(g.prompt) + len(r.completion) - 1
+                                                       for g in groups for r in g.rollouts),
+             dynamic_draws=draws, signal_prompts=sum(map(has_signal, groups))),
+        dict(completion_len=max(lengths), sample_s=t1 - t0, reward_s=t2 - t1, refill_s=t_refill - t2,
+             train_s=t3 - t_refill), c.device)
     n = sums["rollouts"]
     return dict(step=step + 1, epoch=epoch, lr=lr, reward_mean=sums["reward"] / n, accuracy=sums["correct"] / n,
                 adv_abs_mean=sums["adv_abs"] / n, adv_std=math.sqrt(max(sums["adv_sq"] / n, 0.0)),
                 zero_adv_prompts=sums["zero_adv_prompts"] / P, completion_len_mean=sums["tokens"] / n,
                 completion_len_max=int(top["completion_len"]), truncated_frac=sums["truncated"] / n,
-                loss=sums["loss"], logprob_gap=sums["gap"] / max(sums["tokens"], 1.0), sample_s=top["sample_s"],
+                loss=sums["loss"], logprob_gap=sums["gap"] / max(sums["gap_tokens"], 1.0), sample_s=top["sample_s"],
                 reward_s=top["reward_s"], train_s=top["train_s"], step_s=time.perf_counter() - t0,
                 tokens_per_s=sums["tokens"] / max(top["sample_s"], 1e-9), grad_norm=grad_norm,
                 **adapter_metrics(run.model),
+                backward_tokens=int(sums["forwarded"]), backward_tokens_naive=int(sums["naive"]),
+                signal_prompts=sums["signal_prompts"] / P,
+                **(dict(dynamic_draws=int(sums["dynamic_draws"]), refill_s=top["refill_s"]) if cfg.dynamic_sampling
+                   else {}),
                 micro_batches=grad.micro_batches, oom_retries=int(sums["oom_retries"]),
                 micro_batch_tokens=run.micro_batch_tokens, skipped=skipped, skipped_steps=run.skipped_steps,
                 **{k: int(sums[k]) for k in ("reward_timeouts", "reward_crashes", "reward_workers_replaced",

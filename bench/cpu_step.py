@@ -5,9 +5,11 @@
 
 One run prints: the measured bf16 (or fp32) matmul rate; sampling of P prompts x N rollouts
 (tokens/s, and the FLOP/s that implies: 2 x params touched per generated token); the
-forward + backward of those rollouts as train.py runs it (tokens/s, FLOP/s at 4 x body params per
-token -- forward and input gradients, no weight gradients since the base is frozen -- plus the
-head on completion tokens); and each as a share of the matmul rate. The prompts are generated
+forward + backward of those rollouts, naive (one forward per rollout, prompt included) and as
+train.py runs it (zero-advantage rollouts skipped, each prompt forwarded once), with the same
+gradient (tokens/s, FLOP/s at 4 x body params per forwarded token -- forward and input gradients,
+no weight gradients since the base is frozen -- plus the head on completion tokens); and each as
+a share of the matmul rate. The prompts are generated
 arithmetic problems (data/arithmetic.py) when the checkpoint has a tokenizer, else random ids.
 """
 import argparse
@@ -63,6 +65,8 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--dtype", default="auto", help="auto (model.auto_dtype), float32 or bfloat16")
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
+    ap.add_argument("--flat", type=float, default=0.47,
+                    help="share of prompts whose rollouts all scored the same (GSM8K, real 0.5B, 512 tokens: 0.47)")
     args = ap.parse_args(argv)
     dtype = M.DTYPES[M.auto_dtype("cpu") if args.dtype == "auto" else args.dtype]
 
@@ -100,28 +104,37 @@ def main(argv=None):
     head = (vocab_size or cfg.vocab_size) * cfg.hidden_size
     sample_flops = 2 * (body_params(cfg) + head) * new_tokens  # prefill of the shared prompts left out
 
+    # the step's backward twice on the same rollouts: naive (every rollout forwarded alone, prompt
+    # included, zero advantages too) and as train.py runs it (train.with_signal: zero advantages
+    # skipped, each prompt forwarded once for its rollouts). A share --flat of the prompts gets
+    # all-zero advantages (a group whose rollouts all scored the same), the others +-1.
     train = load_train()
     tcfg = train.TrainConfig(micro_batch_tokens=args.micro_batch_tokens, loss_norm="token")
-    rollouts = [train.Rollout(p, c.tokens, 1.0 if k % 2 else -1.0, c.logprobs)
-                for p, g in zip(prompts, groups) for k, c in enumerate(g) if c.tokens]
-    tokens = sum(len(r.prompt) + len(r.completion) - 1 for r in rollouts)
-    totals = dict(total_sequences=len(rollouts), max_completion_len=args.max_new_tokens,
-                  total_tokens=float(new_tokens))
+    flat = round(args.flat * len(prompts))
+    grouped = [train.Group(p, [train.Rollout(c.tokens, 0.0 if i < flat else (1.0 if k % 2 else -1.0), c.logprobs)
+                               for k, c in enumerate(g) if c.tokens])
+               for i, (p, g) in enumerate(zip(prompts, groups))]
+    naive = [train.Group(g.prompt, [r]) for g in grouped for r in g.rollouts]
+    totals = dict(total_sequences=len(naive), max_completion_len=args.max_new_tokens, total_tokens=float(new_tokens))
     cpu, budget = torch.device("cpu"), tcfg.micro_batch_tokens
-    train.accumulate_gradient(model, rollouts[:2], tcfg, vocab_size, totals, cpu, budget)  # warm-up
-    t0 = time.perf_counter()
-    train.accumulate_gradient(model, rollouts, tcfg, vocab_size, totals, cpu, budget)
-    train_s = time.perf_counter() - t0
-    # forward + input gradients through the body for every token; the head (forward and the
-    # expected-row matmul of model._HeadLogprobs) only for completion tokens
-    train_flops = 4 * body_params(cfg) * tokens + 4 * head * new_tokens
-
-    print(f"{'phase':<18} {'seconds':>8} {'tokens':>7} {'tok/s':>7} {'GFLOP/s':>8} {'of matmul rate':>15}")
-    for name, seconds, count, flops in (("sampling", sample_s, new_tokens, sample_flops),
-                                        ("forward+backward", train_s, tokens, train_flops)):
-        print(f"{name:<18} {seconds:>8.3f} {count:>7d} {count / seconds:>7.0f} {flops / seconds / 1e9:>8.0f} "
+    train.accumulate_gradient(model, naive[:2], tcfg, vocab_size, totals, cpu, budget)  # warm-up
+    rows = [("sampling", sample_s, new_tokens, sample_flops)]
+    for name, batch in (("backward naive", naive), ("backward ours", train.with_signal(grouped))):
+        t0 = time.perf_counter()
+        record = train.accumulate_gradient(model, batch, tcfg, vocab_size, totals, cpu, budget)
+        seconds = time.perf_counter() - t0
+        # forward + input gradients through the body for every forwarded token; the head (forward
+        # and the expected-row matmul of model._HeadLogprobs) only for completion tokens
+        rows.append((name, seconds, record.forwarded_tokens,
+                     4 * body_params(cfg) * record.forwarded_tokens + 4 * head * record.gap_tokens))
+    print(f"{flat} of {len(prompts)} prompts flat (zero advantage); {len(naive)} rollouts")
+    print(f"{'phase':<16} {'seconds':>8} {'tokens':>7} {'tok/s':>7} {'GFLOP/s':>8} {'of matmul rate':>15}")
+    for name, seconds, count, flops in rows:
+        print(f"{name:<16} {seconds:>8.3f} {count:>7d} {count / seconds:>7.0f} {flops / seconds / 1e9:>8.0f} "
               f"{flops / seconds / rate:>15.0%}")
-
+    naive_s, ours_s = rows[1][1], rows[2][1]
+    print(f"backward: ours {ours_s:.3f} s vs naive {naive_s:.3f} s: {naive_s / ours_s:.2f}x faster, "
+          f"{rows[2][2] / rows[1][2]:.0%} of the naive tokens")
 
 if __name__ == "__main__":
     import cluster

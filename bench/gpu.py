@@ -507,18 +507,18 @@ def check_frozen_base(report: Report, plan: Plan):
     m.checkpoint_blocks = plan.device.type == "cuda"  # as train.py's memory plan chooses at real shapes
     prompt = random_prompts(1, 13, m.config.vocab_size)[0]
     completion = random_prompts(1, 25, m.config.vocab_size, seed=1)[0]
-    rollout = train.Rollout(prompt, completion, 1.0, [0.0] * len(completion))
-    tokens = len(prompt) + len(completion) - 1  # 37: no model dimension equals it
+    group = train.Group(prompt, [train.Rollout(completion, 1.0, [0.0] * len(completion))])
+    tokens = (len(prompt), len(completion) - 1)  # the prompt's and the completion's forward: 13, 24
     totals = dict(total_sequences=1, max_completion_len=len(completion), total_tokens=len(completion))
 
     def weight_grad_matmuls():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-            train.accumulate_gradient(m, [rollout], cfg, None, totals, plan.device, cfg.micro_batch_tokens)
+            train.accumulate_gradient(m, [group], cfg, None, totals, plan.device, cfg.micro_batch_tokens)
             synchronize(plan.device)
         found = 0
         for ev in prof.events():
             mats = [s for s in ev.input_shapes if len(s) == 2][-2:]  # mm (a, b) @ (b, c); addmm's bias first
-            found += ev.name in ("aten::mm", "aten::addmm") and len(mats) == 2 and mats[0][1] == tokens
+            found += ev.name in ("aten::mm", "aten::addmm") and len(mats) == 2 and mats[0][1] in tokens
         return found
 
     frozen = weight_grad_matmuls()
@@ -780,10 +780,10 @@ def bench_rl_step(report: Report, plan: Plan, rates):
         batch = random_prompts(prompts, prompt_len, m.config.vocab_size)
         # warm-up: a short step at full decode batch (512 sequences) compiles kernels and captures graphs
         warm = dataclasses.replace(cfg, max_new_tokens=min(16, new_tokens))
-        seconds, peak, (phases, rollout_list) = race.timed(
+        seconds, peak, (phases, groups) = race.timed(
             lambda: rl_step(m, sampler, optimizer, cfg, batch),
             lambda: rl_step(m, sampler, optimizer, warm, batch[:max(1, 512 // rollouts)]), plan.device, 1)
-        report_rl_step(report, plan, rates, m, sampler, label, seconds, peak, phases, rollout_list)
+        report_rl_step(report, plan, rates, m, sampler, label, seconds, peak, phases, groups)
     finally:
         if own_group:
             cluster.close()
@@ -803,7 +803,8 @@ def rl_estimate(plan: Plan, rates, prompts: int) -> float:
 
 
 def rl_step(m, sampler, optimizer, cfg, prompts):
-    """Returns the seconds of (sampling, reward, forward-backward, all-reduce + optimizer), and the rollouts."""
+    """Returns the seconds of (sampling, reward, forward-backward, all-reduce + optimizer), and the
+    groups the backward forwarded."""
     import train
     device = m.embed_tokens.weight.device
     marks = [time.perf_counter()]
@@ -816,18 +817,19 @@ def rl_step(m, sampler, optimizer, cfg, prompts):
     mark()
     advantages = rloo.advantages(torch.randint(0, 2, (len(prompts), cfg.rollouts)).float() * 2 - 1)  # (P, N) of +-1
     mark()
-    rollouts = [train.Rollout(p, c.tokens, a, c.logprobs)
-                for p, group, row in zip(prompts, groups, advantages.tolist()) for c, a in zip(group, row)]
-    totals = dict(total_sequences=len(rollouts), max_completion_len=cfg.max_new_tokens,
-                  total_tokens=sum(len(r.completion) for r in rollouts))
-    bad_loss = train.accumulate_gradient(m, rollouts, cfg, None, totals, device, cfg.micro_batch_tokens).bad_loss
+    batch = [train.Group(p, [train.Rollout(c.tokens, a, c.logprobs) for c, a in zip(group, row)])
+             for p, group, row in zip(prompts, groups, advantages.tolist())]
+    totals = dict(total_sequences=sum(len(g.rollouts) for g in batch), max_completion_len=cfg.max_new_tokens,
+                  total_tokens=sum(len(r.completion) for g in batch for r in g.rollouts))
+    batch = train.with_signal(batch)  # what the backward forwards: zero advantages skipped
+    bad_loss = train.accumulate_gradient(m, batch, cfg, None, totals, device, cfg.micro_batch_tokens).bad_loss
     mark()
     train.reduce_and_step(m, optimizer, cfg, cfg.lr, bad_loss)
     mark()
-    return [b - a for a, b in zip(marks, marks[1:])], rollouts
+    return [b - a for a, b in zip(marks, marks[1:])], batch
 
 
-def report_rl_step(report, plan, rates, m, sampler, label, seconds, peak, phases, rollouts):
+def report_rl_step(report, plan, rates, m, sampler, label, seconds, peak, phases, groups):
     base_grads = [n for n in m.base_weights() if m.base_weights()[n].grad is not None]
     report.check(f"{label}: frozen base", not base_grads and m.steering.grad is not None,
                  f"base params with .grad after the step: {base_grads or 'none'}")
@@ -844,8 +846,8 @@ def report_rl_step(report, plan, rates, m, sampler, label, seconds, peak, phases
                       f"allocated; +{peak:.1f} GiB over weights and KV pool; {recompute}")
     else:
         report.figure(f"{label}: peak memory", peak, "GiB", f"host RSS rise during the step; {recompute}")
-    tokens = sum(len(r.prompt) + len(r.completion) - 1 for r in rollouts)
-    completion = sum(len(r.completion) for r in rollouts)
+    tokens = sum(g.tokens() for g in groups)  # forwarded: each prompt once, each completion but its last token
+    completion = sum(len(r.completion) for g in groups for r in g.rollouts)
     # forward + input gradients: 2 + 2 FLOPs per weight and token (no weight gradients: frozen); the head
     # runs on completion positions only, forward plus its saved expected-row matmul
     flops = 4 * block_params(m) * tokens + 4 * m.config.hidden_size * m.config.vocab_size * completion

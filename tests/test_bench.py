@@ -76,15 +76,20 @@ def test_gpu_benchmark_runs_at_tiny_size(capsys):
 
 
 def test_cpu_step_benchmark_runs_at_tiny_size(capsys):
-    """bench/cpu_step.py --tiny: sampling and forward+backward figures against the matmul rate."""
-    load_script("cpu_step").main(["--tiny", "--prompts", "2", "--rollouts", "2", "--max-new-tokens", "8"])
+    """bench/cpu_step.py --tiny: sampling and the backward, naive and ours, against the matmul rate.
+    Half the prompts are flat: ours forwards each prompt once, and only the other half's rollouts."""
+    load_script("cpu_step").main(["--tiny", "--prompts", "2", "--rollouts", "2", "--max-new-tokens", "8",
+                                  "--flat", "0.5"])
     out = capsys.readouterr().out
     assert "GFLOP/s" in out.splitlines()[1]
-    rows = {line.split()[0]: figures(line.rstrip("%")) for line in out.splitlines()
-            if line.startswith(("sampling ", "forward+backward "))}
-    assert set(rows) == {"sampling", "forward+backward"}
-    for name, (seconds, tokens, tok_s, gflop_s, share) in rows.items():
-        assert tokens > 0, (name, out)  # a count, not a timing: the timings' values are not checked
+    rows = {" ".join(line.split()[:-5]): figures(line.rstrip("%")) for line in out.splitlines()
+            if line.startswith(("sampling ", "backward naive ", "backward ours "))}
+    assert set(rows) == {"sampling", "backward naive", "backward ours"}, out
+    assert all(len(numbers) == 5 for numbers in rows.values()), out  # seconds, tokens, tok/s, GFLOP/s, share
+    naive, ours = rows["backward naive"][1], rows["backward ours"][1]
+    assert naive == 4 * (24 + rows["sampling"][1] / 4 - 1)  # every rollout: 24 prompt tokens + its completion - 1
+    assert 0 < ours < naive / 2  # one prompt of two, forwarded once
+    assert "1 of 2 prompts flat" in out and "x faster" in out
 
 
 def test_adapter_costs_follow_the_formulas(capsys):

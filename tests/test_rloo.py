@@ -1,5 +1,7 @@
 """rloo.py against hand-computed advantages and losses, and the loss gradient w.r.t. the steering
 vector against central finite differences on a tiny float64 model."""
+import math
+
 import pytest
 import torch
 from conftest import token_logprobs
@@ -65,6 +67,28 @@ def test_micro_batch_losses_add_up_to_the_step_loss(norm):
     full = rloo.policy_loss(lp, mask, adv, norm, **totals)
     parts = sum(rloo.policy_loss(lp[s], mask[s], adv[s], norm, **totals) for s in (slice(0, 2), slice(2, 6)))
     torch.testing.assert_close(parts, full)
+
+
+def test_truncated_importance_weights_hand_computed():
+    """w = min(pi_train / pi_sampler, C) per token, constant in the gradient: a token the sampler
+    found half as likely as the trainer counts 2x (capped at C = 1.5), one it found twice as
+    likely counts 0.5, an equal one 1; with equal log-probs the loss is the plain one."""
+    sampler = LOGPROBS.clone()
+    sampler[1, 0] -= math.log(2.0)  # pi_train / pi_sampler = 2 -> capped at 1.5
+    sampler[1, 1] += math.log(2.0)  # ratio 0.5
+    lp = LOGPROBS.clone().requires_grad_(True)
+    w = rloo.truncated_is_weights(lp, sampler, cap=1.5)
+    assert not w.requires_grad
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.0, 1.0], [1.5, 0.5, 1.0]]))
+    loss = rloo.policy_loss(lp, MASK, ADV, "token", total_tokens=5, weights=w)
+    want = -(2 * -5 + -1 * (1.5 * -0.5 + 0.5 * -1.5 + -2.5)) / 5
+    assert abs(loss.item() - want) < 1e-6
+    loss.backward()  # d loss / d logprob_t = -A w_t / Z: the weight is not differentiated
+    torch.testing.assert_close(lp.grad, -torch.tensor([[0.0, 2.0, 2.0], [-1.5, -0.5, -1.0]]) / 5)
+    plain = rloo.policy_loss(LOGPROBS, MASK, ADV, "sequence", total_sequences=2)
+    same = rloo.policy_loss(LOGPROBS, MASK, ADV, "sequence", total_sequences=2,
+                            weights=rloo.truncated_is_weights(LOGPROBS, LOGPROBS, cap=2.0))
+    torch.testing.assert_close(same, plain)
 
 
 def test_policy_loss_errors():

@@ -493,20 +493,192 @@ def test_a_full_disk_at_a_checkpoint_names_the_path_and_keeps_the_previous_one(t
     assert state["step"] == 2 and torch.equal(state["trainable"][0], torch.zeros_like(model.steering))
 
 
+def random_groups(train, vocab=96, prompts=(5, 9, 3, 7), rollouts=4, seed=0):
+    """Prompts of several lengths with `rollouts` completions each (lengths 1..12, advantages
+    random), one group flat (all advantages 0) and a few single zero advantages among the rest."""
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for k, length in enumerate(prompts):
+        rows = []
+        for j in range(rollouts):
+            n = 1 if (k, j) == (0, 0) else int(torch.randint(2, 13, (1,), generator=g))
+            adv = 0.0 if k == 2 or (k, j) == (1, 2) else float(torch.randn(1, generator=g))
+            rows.append(train.Rollout(torch.randint(0, vocab, (n,), generator=g).tolist(), adv,
+                                      (-torch.rand(n, generator=g)).tolist()))
+        groups.append(train.Group(torch.randint(0, vocab, (length,), generator=g).tolist(), rows))
+    return groups
+
+
+def naive_gradient(model, groups, cfg, totals, weight=None):
+    """The reference: every rollout forwarded alone as prompt + completion, zero advantages included.
+    weight(log-probs (1, T), the rollout) -> per-token weights (1, T), optional."""
+    import rloo
+    from conftest import token_logprobs
+    model.reset_grads()
+    for group in groups:
+        for r in group.rollouts:
+            seq = torch.tensor(group.prompt + r.completion)
+            lp = token_logprobs(model, seq[None, :-1], seq[None, 1:], cfg.temperature)[:, len(group.prompt) - 1:]
+            loss = rloo.policy_loss(lp, torch.ones_like(lp, dtype=torch.bool), torch.tensor([r.advantage]),
+                                    cfg.loss_norm, **totals, weights=weight(lp.detach(), r) if weight else None)
+            loss.backward()
+    return model.grad_buffer.clone()
+
+
+def test_truncated_importance_sampling_weights_each_token(tiny_qwen, train_module):
+    """--tis-cap C: each token's log-prob counts min(pi_train / pi_sampler, C). The sampler's
+    log-probs are set off the trainer's by -log 2 and +log 2 at alternate tokens (ratios 2 and 1/2):
+    the backward equals the naive one with weights min(2, 1.5) and 1/2 at those tokens, token by
+    token, and differs from the unweighted gradient."""
+    from conftest import token_logprobs
+    model = M.Transformer.from_pretrained(tiny_qwen)
+    with torch.no_grad():
+        model.steering.copy_(0.1 * torch.randn_like(model.steering))
+    groups = train_module.with_signal(random_groups(train_module))
+    shift = lambda n: torch.tensor([-math.log(2.0) if t % 2 == 0 else math.log(2.0) for t in range(n)])
+    with torch.no_grad():
+        for g in groups:
+            for r in g.rollouts:
+                seq = torch.tensor(g.prompt + r.completion)
+                true = token_logprobs(model, seq[None, :-1], seq[None, 1:])[0, len(g.prompt) - 1:]
+                r.sampler_logprobs = (true + shift(len(r.completion))).tolist()
+    rows = [r for g in groups for r in g.rollouts]
+    totals = dict(total_tokens=float(sum(len(r.completion) for r in rows)))
+    cfg = train_module.TrainConfig(task="toy", tis_cap=1.5)
+    want = naive_gradient(model, groups, cfg, totals,
+                          weight=lambda lp, r: torch.where(shift(lp.shape[1]) < 0, 1.5, 0.5)[None])
+    train_module.accumulate_gradient(model, groups, cfg, None, totals, torch.device("cpu"), 1000)
+    torch.testing.assert_close(model.grad_buffer, want, rtol=1e-4, atol=1e-6)
+    plain = naive_gradient(model, groups, cfg, totals)
+    assert (plain - want).abs().max() > 0.1 * want.abs().max()
+
+
+@pytest.mark.parametrize("family", ["qwen2-tied", "llama31"])
+@pytest.mark.parametrize("kind,options,recompute", [
+    ("steering", {}, False), ("steering", {}, True), ("steering", dict(layers="1", steer_at="post-attn"), False),
+    ("lora", dict(lora_rank=2), False), ("full", {}, True)])
+def test_backward_savings_give_the_naive_gradient(tmp_path, train_module, family, kind, options, recompute):
+    """Zero-advantage rollouts skipped and each prompt forwarded once for its rollouts: the same
+    gradient as one forward per rollout (fp32), at any micro-batch budget, including budgets that
+    split a group into pieces; and the forwarded tokens are counted as the metrics report them."""
+    from conftest import write_checkpoint
+    model = M.Transformer.from_pretrained(write_checkpoint(tmp_path, family))
+    torch.manual_seed(1)
+    model.set_adapter(kind, **options)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))  # steering and LoRA's B start at zero
+    model.trainable_to_weights()
+    model.checkpoint_blocks = recompute
+    groups = random_groups(train_module)
+    cfg = train_module.TrainConfig(task="toy", temperature=0.7)
+    rows = [r for g in groups for r in g.rollouts]
+    totals = dict(total_sequences=len(rows), max_completion_len=16, total_tokens=float(sum(len(r.completion) for r in rows)))
+    want = naive_gradient(model, groups, cfg, totals)
+    assert want.abs().max() > 0
+    signal = train_module.with_signal(groups)
+    assert [len(g.rollouts) for g in signal] == [4, 3, 4]  # group 2 is flat, one zero in group 1
+    for budget in (1000, 40, 1):
+        record = train_module.accumulate_gradient(model, signal, cfg, None, totals, torch.device("cpu"), budget)
+        torch.testing.assert_close(model.grad_buffer, want, rtol=1e-5, atol=1e-6)
+        pieces = [g for b in train_module.micro_batches(signal, budget) for g in b]
+        assert record.forwarded_tokens == sum(len(g.prompt) + sum(len(r.completion) - 1 for r in g.rollouts)
+                                              for g in pieces)
+        assert record.micro_batches == (1 if budget == 1000 else len(pieces) if budget == 1 else record.micro_batches)
+    assert sum(len(g.prompt) for g in signal) + sum(len(r.completion) - 1 for g in signal for r in g.rollouts) < \
+        sum(len(g.prompt) + len(r.completion) - 1 for g in groups for r in g.rollouts)
+
+
+def test_micro_batches_keep_every_rollout_once_within_the_budget(train_module):
+    groups = train_module.with_signal(random_groups(train_module, prompts=(5, 9, 3, 7, 20, 1), rollouts=6))
+    for budget in (1000, 60, 25, 1):
+        batches = train_module.micro_batches(groups, budget)
+        seen = sorted(id(r) for b in batches for g in b for r in g.rollouts)
+        assert seen == sorted(id(r) for g in groups for r in g.rollouts)
+        for b in batches:
+            assert train_module.padded_tokens(b) <= budget or (len(b) == 1 and len(b[0].rollouts) == 1)
+
+
+def test_a_step_without_signal_is_a_zero_gradient(tiny_qwen, train_module):
+    model = M.Transformer.from_pretrained(tiny_qwen)
+    flat = [g for g in random_groups(train_module) if all(r.advantage == 0 for r in g.rollouts)]
+    record = train_module.accumulate_gradient(model, train_module.with_signal(flat), train_module.TrainConfig(),
+                                              None, dict(total_tokens=1.0), torch.device("cpu"), 1000)
+    assert record.forwarded_tokens == 0 and record.micro_batches == 0 and not record.bad_loss
+    assert torch.equal(model.grad_buffer, torch.zeros_like(model.grad_buffer))
+
+
+class ParitySampler:
+    """A stand-in sampler: rollout j of prompt [i] is the completion [i, j]; records each call."""
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, n, prompt_offset, **_):
+        from types import SimpleNamespace
+        self.calls.append(([p[0] for p in prompts], prompt_offset))
+        return [[SimpleNamespace(tokens=[p[0], j], logprobs=[0.0, 0.0]) for j in range(n)] for p in prompts]
+
+
+def parity_run(train, rounds, size=100, odd=True):
+    """Even prompts: every rollout scores 1 (no signal); odd ones: rollout j scores j % 2."""
+    from types import SimpleNamespace
+
+    def reward(completions, owners):
+        rewards = [float(c[1] % 2) if i % 2 and odd else 1.0 for c, i in zip(completions, owners)]
+        return rewards, rewards
+    task = train.Task(prompts=[[i] for i in range(size)], answers=None, stop_token_ids=[], vocab_size=None,
+                      skipped_prompts=0, reward=reward)
+    cfg = train.TrainConfig(task="toy", rollouts=4, prompts_per_step=4, dynamic_sampling=rounds)
+    return SimpleNamespace(cfg=cfg, cluster=SimpleNamespace(rank=0), task=task, sampler=ParitySampler())
+
+
+def first_groups(train, run, indices):
+    completions = [c for group in run.sampler.generate([run.task.prompts[i] for i in indices], n=4, prompt_offset=0)
+                   for c in group]
+    run.sampler.calls.clear()
+    rewards, _ = run.task.reward([c.tokens for c in completions], [i for i in indices for _ in range(4)])
+    import rloo
+    return train.as_groups(run.task, run.cfg, indices, completions, rloo.advantages(torch.tensor(rewards).view(-1, 4)))
+
+
+def test_dynamic_sampling_replaces_prompts_without_signal(train_module):
+    """Prompts 0 and 2 have no signal: fresh random prompts are drawn for them, round after round,
+    until the step holds 4 prompts with signal; the draws are seeded by step, so a resumed run
+    draws the same; fresh prompts are sampled under offsets past the step's own prompts."""
+    run = parity_run(train_module, rounds=5)
+    groups, draws = train_module.refill(run, 7, first_groups(train_module, run, [0, 1, 2, 3]))
+    assert len(groups) == 4 and all(map(train_module.has_signal, groups))
+    assert [g.prompt[0] % 2 for g in groups] == [1, 1, 1, 1] and groups[0].prompt == [1] and groups[1].prompt == [3]
+    assert draws == sum(len(indices) for indices, _ in run.sampler.calls) and 2 <= draws <= 10
+    assert [offset for _, offset in run.sampler.calls] == [4 * (r + 1) for r in range(len(run.sampler.calls))]
+    again = parity_run(train_module, rounds=5)
+    assert train_module.refill(again, 7, first_groups(train_module, again, [0, 1, 2, 3])) == (groups, draws)
+    other = parity_run(train_module, rounds=5)
+    train_module.refill(other, 8, first_groups(train_module, other, [0, 1, 2, 3]))
+    assert other.sampler.calls != run.sampler.calls  # another step draws other prompts
+
+
+def test_dynamic_sampling_is_bounded(train_module):
+    """No prompt has signal: --dynamic-sampling 3 draws 3 rounds of 4 prompts, then the step goes on
+    with the prompts it was given."""
+    run = parity_run(train_module, rounds=3, odd=False)
+    given = first_groups(train_module, run, [0, 1, 2, 3])
+    groups, draws = train_module.refill(run, 0, given)
+    assert draws == 12 and len(run.sampler.calls) == 3 and groups == given
+
+
 def test_out_of_memory_halves_the_micro_batch_and_gives_the_same_gradient(tiny_qwen, train_module, monkeypatch):
     model = M.Transformer.from_pretrained(tiny_qwen)
     with torch.no_grad():
         model.steering.copy_(0.1 * torch.randn_like(model.steering))
-    g = torch.Generator().manual_seed(0)
-    rollouts = [train_module.Rollout(torch.randint(0, 96, (5,), generator=g).tolist(),
-                                     torch.randint(0, 96, (int(n),), generator=g).tolist(), float(a), [0.0] * int(n))
-                for n, a in zip(torch.randint(3, 12, (8,), generator=g), torch.randn(8, generator=g))]
+    groups = train_module.with_signal(random_groups(train_module))
     cfg = train_module.TrainConfig(task="toy")
-    totals = dict(total_sequences=8, max_completion_len=16,
-                  total_tokens=float(sum(len(r.completion) for r in rollouts)))
+    rows = [r for g in groups for r in g.rollouts]
+    totals = dict(total_sequences=len(rows), max_completion_len=16,
+                  total_tokens=float(sum(len(r.completion) for r in rows)))
 
     def run(budget):
-        return train_module.accumulate_gradient(model, rollouts, cfg, None, totals, torch.device("cpu"), budget)
+        return train_module.accumulate_gradient(model, groups, cfg, None, totals, torch.device("cpu"), budget)
     clean = run(1000)
     reference = model.steering.grad.clone()
     assert clean.micro_batches == 1 and clean.oom_retries == 0
@@ -514,8 +686,7 @@ def test_out_of_memory_halves_the_micro_batch_and_gives_the_same_gradient(tiny_q
     real_backward = train_module.backward
 
     def small_memory(model, batch, *a):  # "GPU memory" for 40 padded tokens per micro-batch
-        width = max(len(r.prompt) + len(r.completion) for r in batch) - 1
-        if len(batch) * width > 40:
+        if train_module.padded_tokens(batch) > 40:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_backward(model, batch, *a)
     monkeypatch.setattr(train_module, "backward", small_memory)
@@ -525,7 +696,7 @@ def test_out_of_memory_halves_the_micro_batch_and_gives_the_same_gradient(tiny_q
     assert squeezed.loss == pytest.approx(clean.loss, rel=1e-5)
 
     monkeypatch.setattr(train_module, "backward", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
-    longest = max(len(r.prompt) + len(r.completion) - 1 for r in rollouts)
+    longest = max(len(g.prompt) + max(len(r.completion) for r in g.rollouts) - 1 for g in groups)
     with pytest.raises(SystemExit, match=f"out of memory in the backward of a single {longest}-token sequence"):
         run(1000)
 
