@@ -42,12 +42,13 @@ Runs on one GPU, on CPU (small models), or on several GPUs under torchrun:
     python eval.py --model Qwen/Qwen2.5-Math-1.5B --steering runs/x/steering.safetensors --protocol paper
     torchrun --nproc_per_node 8 eval.py --model ... --steering ... --protocol paper
 
-Under torchrun rank r takes the problems i with i % world == r; rank 0 gathers every sample
+Under torchrun each rank takes a contiguous share of the problems; rank 0 gathers every sample
 (all_gather_object), scores and writes. The outputs in --out: results.md (the table),
 results.json (the same numbers, with per-seed scores) and samples.jsonl (one row per sample).
-Sampling seeds: each generate call gets a seed made of --seed, the benchmark and the index of its
-first problem (call_seed), so the random streams depend on how problems are grouped into calls
-(world size, --batch-prompts), but not on the setup: every row sees the same random numbers.
+Sampling seeds: a problem's random draws are hashed from --seed, the benchmark, the problem's
+index and the sample (rl_task.Task.evaluate, the one evaluation that training's --eval-every
+also runs): they do not depend on the world size, --batch-prompts or the setup, so every row
+sees the same random numbers and one vector gets the same score here and in training.
 """
 import argparse
 import json
@@ -57,7 +58,6 @@ import sys
 import time
 import types
 import typing
-import zlib
 from collections import defaultdict
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -71,6 +71,7 @@ import hub
 import memory
 import model as M
 import reward
+from rl_task import EVAL_GRADE_TIMEOUT, Task, completion_budget, math_task
 from sample import Sampler
 
 # -----------------------------------------------------------------------------
@@ -126,7 +127,7 @@ class EvalConfig:
     batch_prompts: int = field(default=64, metadata={
         "help": "problems per generate call (the progress bar moves once per call)"})
     grade_workers: int = field(default=4, metadata={"help": "grading processes"})
-    grade_timeout: float = field(default=10.0, metadata={"help": "seconds allowed to grade one sample"})
+    grade_timeout: float = field(default=EVAL_GRADE_TIMEOUT, metadata={"help": "seconds allowed to grade one sample"})
     wandb_project: str = field(default="", metadata={
         "help": "log the config and the results table to this Weights & Biases project (needs wandb)"})
 
@@ -273,12 +274,6 @@ def resolve_lengths(cfg: EvalConfig, context: int | None) -> EvalConfig:
     return replace(cfg, max_len=max_len, max_new_tokens=max_new)
 
 
-def completion_budgets(cfg: EvalConfig, prompts: list[list[int]]) -> list[int]:
-    """Per prompt: --max-new-tokens, cut so that prompt + completion <= --max-len."""
-    limit = cfg.max_new_tokens or 4096
-    return [max(0, min(limit, cfg.max_len - len(p))) if cfg.max_len else limit for p in prompts]
-
-
 def samples_per_problem(cfg: EvalConfig, bench: str, temperature: float) -> int:
     if temperature == 0:
         return 1  # greedy: every sample would be the same
@@ -324,44 +319,29 @@ def mean_std(values: list[float], population: bool = False) -> tuple[float, floa
 # tokenizer and the grader come in as arguments so tests can swap in fakes.
 
 
-def call_seed(seed: int, bench: str, first_index: int) -> int:
-    """The sampler's seed for one generate call: distinct per benchmark and group of problems (the
-    sampler hashes it with the prompt's position in the call), the same for every setup, so base
-    and steered rows see the same random numbers."""
-    return seed * 2 ** 32 + zlib.crc32(f"{bench}/{first_index}".encode())
-
-
-def evaluate_setup(sampler, tokenizer, setup: Setup, benches: dict[str, list[dict]], cfg: EvalConfig,
-                   grade, rank: int = 0, world: int = 1, progress: tqdm | None = None) -> list[dict]:
-    """Every sample of one setup on this rank's share of each benchmark, graded."""
+def evaluate_setup(sampler, setup: Setup, tasks: dict[str, Task], cfg: EvalConfig, rank: int = 0, world: int = 1,
+                   progress: tqdm | None = None) -> list[dict]:
+    """Every sample of one setup on this rank's share of each benchmark, graded by its Task."""
     records = []
-    for bench, problems in benches.items():
-        mine = [(i, p) for i, p in enumerate(problems) if i % world == rank]
-        prompts = [tokenizer.encode_prompt(p["problem"]) for _, p in mine]
-        budgets = completion_budgets(cfg, prompts)
+    for bench, task in tasks.items():
         k = samples_per_problem(cfg, bench, setup.temperature)
         for seed in setup.seeds:
-            completions = []
-            for start in range(0, len(mine), cfg.batch_prompts):
-                completions += sampler.generate(
-                    prompts[start:start + cfg.batch_prompts], n=k,
-                    max_new_tokens=budgets[start:start + cfg.batch_prompts],
-                    temperature=setup.temperature, top_p=cfg.top_p, stop_token_ids=tokenizer.stop_token_ids,
-                    seed=call_seed(seed, bench, mine[start][0]))
+            def shown(groups):
                 if progress is not None:
-                    progress.tokens = getattr(progress, "tokens", 0) + sum(len(c.tokens) for g in completions[-len(
-                        prompts[start:start + cfg.batch_prompts]):] for c in g)
+                    progress.tokens = getattr(progress, "tokens", 0) + sum(len(c.tokens) for g in groups for c in g)
                     rate = progress.tokens / max(progress.format_dict["elapsed"], 1e-9)
                     progress.set_description(f"{setup.name} {bench} seed {seed}", refresh=False)
                     progress.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
-                    progress.update(len(prompts[start:start + cfg.batch_prompts]) * k)
-            flat = [(i, p, j, c) for (i, p), group in zip(mine, completions) for j, c in enumerate(group)]
-            texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for _, _, _, c in flat]
-            rewards = grade(texts, [p["answer"] for _, p, _, _ in flat])
-            for (i, p, j, c), text, r in zip(flat, texts, rewards):
-                records.append(dict(setup=setup.name, bench=bench, index=i, id=p["id"], seed=seed, sample=j,
-                                    answer=p["answer"], extracted=reward.extract_boxed(text), reward=float(r),
-                                    finish_reason=c.finish_reason, n_tokens=len(c.tokens), completion=text))
+                    progress.update(len(groups) * k)
+            done = task.evaluate(sampler, samples=k, temperature=setup.temperature, seed=seed,
+                                 max_new_tokens=cfg.max_new_tokens or 4096, max_len=cfg.max_len, top_p=cfg.top_p,
+                                 rank=rank, world=world, batch_prompts=cfg.batch_prompts, progress=shown)
+            for s in done:
+                p, text = task.rows[s.index], task.decode(s.tokens)
+                records.append(dict(setup=setup.name, bench=bench, index=s.index, id=p["id"], seed=seed,
+                                    sample=s.sample, answer=p["answer"], extracted=reward.extract_boxed(text),
+                                    reward=s.correct, finish_reason=s.finish_reason, n_tokens=len(s.tokens),
+                                    completion=text))
     return records
 
 
@@ -447,16 +427,14 @@ def markdown_table(results: dict, setups: list[Setup], benches: list[str], model
 # Running it: data, model, distributed plumbing, outputs.
 
 
-def load_benches(cfg: EvalConfig) -> dict[str, list[dict]]:
-    benches = {}
-    for name in [b.strip() for b in cfg.bench.split(",") if b.strip()]:
-        problems = data.load(name, split="test", data_dir=data.default_dir(cfg.data_dir))
-        benches[name] = problems[:cfg.limit] if cfg.limit is not None else problems
-        if not benches[name]:
-            raise ValueError(f"benchmark {name}: no problems (--limit {cfg.limit})")
-    if not benches:
+def bench_names(cfg: EvalConfig) -> list[str]:
+    names = [b.strip() for b in cfg.bench.split(",") if b.strip()]
+    if not names:
         raise ValueError("--bench names no benchmark")
-    return benches
+    unknown = [b for b in names if b not in data.NAMES]
+    if unknown:
+        raise ValueError(f"--bench {','.join(unknown)}: unknown (known: {', '.join(data.NAMES)})")
+    return names
 
 
 def apply_setup(model: M.Transformer, setup: Setup, scale: float, base_folder: Path):
@@ -503,7 +481,7 @@ def log_to_wandb(cfg: EvalConfig, results: dict, setups: list[Setup], benches: l
 def main(argv=None):
     cfg = apply_protocol(parse_args(argv))
     setups = make_setups(cfg)
-    benches = load_benches(cfg)
+    names = bench_names(cfg)
     if cfg.wandb_project:
         try:
             import wandb  # noqa: F401  (checked before anything loads)
@@ -512,42 +490,41 @@ def main(argv=None):
     # graders fork first, from a small process (before the model and CUDA take memory)
     pool = reward.RewardPool(cfg.grade_workers, cfg.grade_timeout).start()
     c = cluster.init(cfg.device or "auto")
-    tokenizer = data.Tokenizer.from_dir(cfg.tokenizer or M.resolve_checkpoint(cfg.model))
+    tasks = {b: math_task(cfg.model, b, "test", tokenizer=cfg.tokenizer, data_dir=cfg.data_dir, limit=cfg.limit,
+                          wrong=0.0, pool=pool) for b in names}
+    vocab_size = next(iter(tasks.values())).vocab_size
     dtype = M.auto_dtype(c.device) if cfg.dtype == "auto" else cfg.dtype
     available = memory.available_bytes(c.device)  # before the weights load: the plan counts them
     model = M.Transformer.from_pretrained(cfg.model, dtype=dtype, device=c.device)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {cfg.model} only "
+    if vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens but {cfg.model} only "
                          f"{model.config.vocab_size} embedding rows: wrong --tokenizer?")
     cfg = resolve_lengths(cfg, model.config.max_position_embeddings)
     # the KV pool from the memory plan: one generate call's sequences at once (--batch-prompts x the
     # most samples per problem), at most 90 % of what the weights leave (no backward here)
-    prompts = {b: [tokenizer.encode_prompt(p["problem"]) for p in problems] for b, problems in benches.items()}
-    for bench, encoded in prompts.items():  # checked on every rank, for every problem: all ranks stop alike
-        too_long = [i for i, p in enumerate(encoded) if cfg.max_len and len(p) >= cfg.max_len]
+    for bench, task in tasks.items():  # checked on every rank, for every problem: all ranks stop alike
+        too_long = [i for i, p in enumerate(task.prompts) if cfg.max_len and len(p) >= cfg.max_len]
         if too_long:
             raise ValueError(f"{bench}: problems {too_long[:10]} have prompts of {cfg.max_len} tokens or more, the "
                              "--max-len cap (default: the model's context): no room for an answer")
-    prompts = [p for encoded in prompts.values() for p in encoded]
-    longest = max(len(p) + b for p, b in zip(prompts, completion_budgets(cfg, prompts)))
-    most = max(samples_per_problem(cfg, b, s.temperature) for s in setups for b in benches)
+    prompts = [p for task in tasks.values() for p in task.prompts]
+    longest = max(len(p) + completion_budget(len(p), cfg.max_new_tokens or 4096, cfg.max_len) for p in prompts)
+    most = max(samples_per_problem(cfg, b, s.temperature) for s in setups for b in names)
     plan = memory.plan(model.config, model.embed_tokens.weight.dtype, c.device, available=available, trainable=0,
                        sequences=min(cfg.batch_prompts, len(prompts)) * most, longest=longest, backward=False,
                        kv_cache_tokens=cfg.kv_cache_tokens, gpu_memory_fraction=0.9,
                        share=int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if c.device.type == "cpu" else 1)
     if c.is_main:
         print(plan.summary(), file=sys.stderr)
-    sampler = Sampler(model, vocab_size=tokenizer.vocab_size, kv_cache_tokens=plan.kv_cache_tokens,
+    sampler = Sampler(model, vocab_size=vocab_size, kv_cache_tokens=plan.kv_cache_tokens,
                       max_seq_len=longest)
 
-    total = sum(len(range(c.rank, len(problems), c.world)) * samples_per_problem(cfg, b, s.temperature)
-                * len(s.seeds) for s in setups for b, problems in benches.items())
+    total = sum(len(tasks[b].share(c.rank, c.world)) * samples_per_problem(cfg, b, s.temperature) * len(s.seeds) for s in setups for b in names)
     progress = tqdm(total=total, unit="sample", disable=not (c.is_main and sys.stderr.isatty()))
     started, records = time.time(), []
     for setup in setups:
         apply_setup(model, setup, cfg.steering_scale, M.resolve_checkpoint(cfg.model))
-        records += evaluate_setup(sampler, tokenizer, setup, benches, cfg, pool.score_batch, c.rank, c.world,
-                                  progress)
+        records += evaluate_setup(sampler, setup, tasks, cfg, c.rank, c.world, progress)
     progress.close()
     pool.close()
     del sampler  # its KV pool: the gather below stages every rank's records on the GPU under NCCL
@@ -555,7 +532,6 @@ def main(argv=None):
         torch.cuda.empty_cache()
     records = cluster.gather(records, c)
     if c.is_main:
-        names = list(benches)
         population = cfg.std == "population"
         results = summarize(records, [s.name for s in setups], names, population)
         best = best_checkpoints(results, setups) if cfg.checkpoints == "best" else {}

@@ -61,7 +61,7 @@ import math
 import sys
 import unicodedata
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,6 +69,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
+from rl_task import Task, math_task
 from sample import Sampler
 
 # -----------------------------------------------------------------------------
@@ -229,35 +230,33 @@ def mean_logprob(model: M.Transformer, seqs: Sequences, vocab_size: int, batch_s
 
 @dataclass
 class Study:
-    """A base model with a steering file, its tokenizer and the problems the analyses run on."""
+    """A base model with a steering file, its tokenizer and the task (--bench problems) the
+    analyses run on: the same rl_task.Task that training and eval.py sample and grade with."""
     model: M.Transformer
     tokenizer: data.Tokenizer
     vectors: torch.Tensor  # (L, d) fp32: the trained steering
     vocab_size: int
-    problems: list[dict] = field(default_factory=list)
+    task: Task | None = None
     _sampler: Sampler | None = None
 
     def generate(self, vectors: torch.Tensor, args, scale: float = 1.0) -> Sequences:
-        """Completions of every problem under `vectors` at scale alpha (--samples, --temperature, --seed)."""
-        prompts = [self.tokenizer.encode_prompt(p["problem"]) for p in self.problems]
+        """Completions of every problem under `vectors` at scale alpha (--samples, --temperature,
+        --seed): the Task's own sampling, so the draws are eval.py's for the same seed."""
+        prompts = self.task.prompts
         if self._sampler is None:  # a KV cache for every sequence at once, not the sampler's default GiBs
             need = args.samples * sum(len(p) + args.max_new_tokens + 16 for p in prompts)
             self._sampler = Sampler(self.model, kv_cache_tokens=need, vocab_size=self.vocab_size)
         with steered(self.model, vectors, scale):
-            groups = self._sampler.generate(prompts, n=args.samples, max_new_tokens=args.max_new_tokens,
-                                            temperature=args.temperature, top_p=1.0,
-                                            stop_token_ids=self.tokenizer.stop_token_ids, seed=args.seed)
-        flat = [(i, c) for i, group in enumerate(groups) for c in group]
-        return Sequences([prompts[i] for i, _ in flat], [c.tokens for _, c in flat],
-                         [c.finish_reason for _, c in flat], [i for i, _ in flat], [c.logprobs for _, c in flat])
+            done = self.task.sample(self._sampler, samples=args.samples, temperature=args.temperature,
+                                    seed=args.seed, max_new_tokens=args.max_new_tokens, max_len=None)
+        return Sequences([prompts[s.index] for s in done], [s.tokens for s in done],
+                         [s.finish_reason for s in done], [s.index for s in done], [s.logprobs for s in done])
 
     def accuracy(self, seqs: Sequences) -> dict:
-        """Fraction of sequences whose last \\boxed{} equals their problem's answer; lengths; the mean
-        log-prob the sampling model gave its own tokens."""
-        import reward  # only the analyses that grade need math-verify
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in seqs.completions]
-        scores = reward.score_batch(texts, [self.problems[i]["answer"] for i in seqs.problems])
-        return dict(accuracy=sum(scores) / len(scores),
+        """Fraction of sequences whose last \\boxed{} equals their problem's answer (the Task's
+        reward); lengths; the mean log-prob the sampling model gave its own tokens."""
+        _, correct = self.task.reward(seqs.completions, seqs.problems)
+        return dict(accuracy=sum(correct) / len(correct),
                     mean_length=sum(map(len, seqs.completions)) / len(seqs.completions),
                     truncated=seqs.finish.count("length") / len(seqs.finish),
                     own_logprob=sum(map(sum, seqs.logprobs)) / max(1, sum(map(len, seqs.logprobs))))
@@ -817,10 +816,8 @@ def load_study(args) -> tuple[Study, dict, str]:
         for flag in ("limit", "samples", "max_new_tokens", "batch_size"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        problems = data.load(args.bench, split="test", data_dir=data.default_dir(args.data_dir))
-        study.problems = problems[:args.limit]
-        if not study.problems:
-            raise ValueError(f"--bench {args.bench}: no problems (--limit {args.limit})")
+        study.task = math_task(model_id, args.bench, "test", tokenizer=args.tokenizer, data_dir=args.data_dir,
+                               limit=args.limit, wrong=0.0, workers=1, lazy_pool=True)
     return study, meta, model_id
 
 
@@ -856,7 +853,7 @@ def describe(layer: int | None, others: str) -> str:
 def sequences(study: Study, args) -> tuple[Sequences, dict]:
     """The steered model's completions of the problems, and what they look like."""
     seqs = study.generate(study.vectors, args)
-    info = dict(bench=args.bench, problems=len(study.problems), sequences=len(seqs.completions),
+    info = dict(bench=args.bench, problems=len(study.task.prompts), sequences=len(seqs.completions),
                 mean_length=sum(map(len, seqs.completions)) / len(seqs.completions))
     print(f"{info['sequences']} completions of {info['problems']} {args.bench} problems from the steered "
           f"model (T={args.temperature:g}, seed {args.seed}), mean length {info['mean_length']:.1f} tokens")

@@ -24,6 +24,10 @@ import model as M
 
 GiB, KiB = 2 ** 30, 2 ** 10
 HEADROOM = 0.15  # share of available memory never planned: estimate error (< 10 %), allocator caches, NCCL
+# the sampler's batch limits (sample.Sampler's defaults), which size its transient: tokens in one
+# packed prefill, and sequences decoded at once
+SAMPLER_MAX_BATCH_TOKENS = 8192
+SAMPLER_MAX_NUM_SEQS = 512
 HEAD_CHUNK = inspect.signature(M.chunked_logprobs).parameters["chunk_size"].default  # head rows at a time
 
 
@@ -118,7 +122,8 @@ def head_bytes(cfg: M.Config, dtype: torch.dtype, tokens: int, adapter: str = "s
     return rows * V * (4 + (dtype.itemsize if dtype.itemsize < 4 else 0) + (4 if tokens > HEAD_CHUNK else 0))
 
 
-def sampling_bytes(cfg: M.Config, dtype: torch.dtype, sequences: int, prefill_tokens=8192, max_seqs=512) -> int:
+def sampling_bytes(cfg: M.Config, dtype: torch.dtype, sequences: int, prefill_tokens=SAMPLER_MAX_BATCH_TOKENS,
+                   max_seqs=SAMPLER_MAX_NUM_SEQS) -> int:
     """The sampler's transient beside its KV pool: a packed prefill's MLP (~3 ffn per token, one layer at
     a time) or the running sequences' logits, log-probs, probabilities and fp64 CDF (~6 fp32 rows of V)."""
     return max(prefill_tokens * 3 * cfg.intermediate_size * dtype.itemsize, min(sequences, max_seqs) * 24 * cfg.vocab_size)

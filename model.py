@@ -381,10 +381,7 @@ class Transformer(nn.Module):
         if tensors is None:
             tensors = dict(adapter.named_parameters())
         tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written adapter file
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_adapter(self, path, check_base=True) -> dict:
         """Set the adapter a file (or full fine-tuning folder) describes, with its options, and load
@@ -608,6 +605,14 @@ def adapter_metadata(path) -> dict:
     return {"kind": "steering", **meta}
 
 
+def atomic_write(path: Path, write):
+    """write(temporary path) then rename it to `path`: a crash never leaves a half-written file,
+    and readers see the old file or the new one. Every file this project writes goes through here."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def save_checkpoint_folder(model: Transformer, folder: Path, meta: dict):
     """A full fine-tune as a Hugging Face checkpoint: config.json (the base's, dtype updated),
     model.safetensors in the model dtype with HF names, the base's tokenizer files when it is a
@@ -623,10 +628,8 @@ def save_checkpoint_folder(model: Transformer, folder: Path, meta: dict):
     config = {k: v for k, v in cfg.raw.items() if k != "torch_dtype"}
     config["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
 
-    def write(name, fn):  # each file atomically
-        tmp = folder / (name + ".tmp")
-        fn(tmp)
-        os.replace(tmp, folder / name)
+    def write(name, fn):
+        atomic_write(folder / name, fn)
 
     write("model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write("config.json", lambda p: p.write_text(json.dumps(config, indent=2)))

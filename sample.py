@@ -3,6 +3,11 @@
     Sampler(model).generate(prompts, n=16, max_new_tokens=4096, temperature=1.0, seed=0)
     python sample.py --model M [--steering FILE] "question"   # the generation CLI (bottom of the file)
 
+The parts, top to bottom, along nano-vllm's seams: a Sequence (one rollout and its block table);
+the BlockManager (the pool's blocks and every sequence's block table); the Scheduler (waiting and
+running sequences: admission, pre-emption, retirement); the ModelRunner (the KV pool and the
+prefill / decode forwards, CUDA graphs included); and the Sampler, which drives them and samples.
+
 - Paged KV cache: one preallocated pool [L, 2, num_blocks, block_size, KVH, D]; each sequence
   owns a block table (list of block ids). Blocks are reference-counted (BlockManager).
 - Prompt sharing: a prompt is prefilled once; its full blocks are shared by its n rollouts and
@@ -39,9 +44,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import memory
 import model as M
-from paged_attention import (HAS_TRITON, paged_decode_attention_torch, paged_decode_attention_triton, store_kv_torch,
-                     store_kv_triton)
+from paged_attention import (HAS_TRITON, paged_decode_attention_torch, paged_decode_attention_triton,
+                             store_kv_torch, store_kv_triton)
 
 
 @dataclass
@@ -73,7 +79,7 @@ class SamplingParams:
     prompt_offset: int  # index of prompt 0 in the caller's whole batch (an input of the per-token hash)
 
 # -----------------------------------------------------------------------------
-# Blocks
+# Sequences and their blocks
 
 
 def cdiv(a: int, b: int) -> int:
@@ -81,23 +87,57 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class BlockManager:
-    """A free list and a reference count per block of the pool."""
+@dataclass
+class Sequence:
+    """One rollout of one prompt: its tokens, their log-probs and the block table of its KV cache."""
+    prompt: int  # index of its prompt in the generate() call
+    rollout: int
+    tokens: list[int]  # prompt + generated; the last one is not yet in the cache
+    num_prompt: int
+    max_new_tokens: int  # its prompt's completion budget
+    logprobs: list[float] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # token i lives in block blocks[i // block_size]
+    finish_reason: str | None = None  # None while it runs
 
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    def append(self, token: int, logprob: float, stop_token_ids: frozenset[int]):
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        if token in stop_token_ids:
+            self.finish_reason = "stop"
+        elif self.num_generated >= self.max_new_tokens:
+            self.finish_reason = "length"
+
+    def completion(self) -> Completion:
+        return Completion(self.tokens[self.num_prompt:], self.logprobs, self.finish_reason)
+
+
+class BlockManager:
+    """The pool's blocks: a free list and a reference count per block, and the block table of
+    each sequence. A prompt's full blocks are shared by its rollouts; a block is free again when
+    no sequence holds it."""
+
+    def __init__(self, num_blocks: int, block_size: int = 16):
+        self.num_blocks, self.block_size = num_blocks, block_size
         self.ref_counts = [0] * num_blocks
         self.free_blocks = deque(range(num_blocks))
+        self.peak_used = 0  # most blocks held at once
 
     @property
     def num_free(self) -> int:
         return len(self.free_blocks)
+
+    # ---- single blocks ----
 
     def allocate(self) -> int:
         if not self.free_blocks:
             raise RuntimeError("KV cache pool exhausted (the scheduler should have pre-empted first)")
         block = self.free_blocks.popleft()
         self.ref_counts[block] = 1
+        self.peak_used = max(self.peak_used, self.num_blocks - self.num_free)
         return block
 
     def share(self, block: int):
@@ -110,20 +150,126 @@ class BlockManager:
         if self.ref_counts[block] == 0:
             self.free_blocks.append(block)
 
+    # ---- a sequence's block table ----
 
-@dataclass
-class _Seq:
-    prompt: int  # index of its prompt in the generate() call
-    rollout: int
-    tokens: list[int]  # prompt + generated; the last one is not yet in the cache
-    num_prompt: int
-    max_new_tokens: int  # its prompt's completion budget
-    logprobs: list[float] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
+    def allocate_prompt(self, seq: Sequence):
+        """Blocks for all of the sequence's tokens: a prefill writes them all."""
+        seq.blocks = [self.allocate() for _ in range(cdiv(len(seq.tokens), self.block_size))]
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give `child`, another rollout of `parent`'s tokens, parent's cache: it shares the full
+        blocks (rollouts never write into a full block, so no copy-on-write is needed) and gets
+        its own block for the partial last one, which it will write into. Returns (parent's
+        partial block, child's block) for the caller to copy the KV, or None if there is none."""
+        full = len(parent.tokens) // self.block_size
+        for block in parent.blocks[:full]:
+            self.share(block)
+        child.blocks = parent.blocks[:full]
+        if full == len(parent.blocks):
+            return None
+        copy = self.allocate()
+        child.blocks.append(copy)
+        return parent.blocks[full], copy
+
+    def free(self, seq: Sequence):
+        """Give back the sequence's blocks (a prompt block shared with other rollouts stays theirs)."""
+        for block in seq.blocks:
+            self.release(block)
+        seq.blocks = []
+
+    def needs_block(self, seq: Sequence) -> bool:
+        """Whether the pending token's slot (len - 1) lies past the sequence's blocks."""
+        return len(seq.tokens) - 1 >= len(seq.blocks) * self.block_size
+
+    def append_block(self, seq: Sequence):
+        seq.blocks.append(self.allocate())
+
+# -----------------------------------------------------------------------------
+# Scheduling
+
+
+class Scheduler:
+    """Which sequences run. Waiting work is a queue of groups of sequences with identical tokens,
+    prefilled together: a prompt's n fresh rollouts, or one pre-empted sequence. Groups are
+    admitted while blocks, prefill tokens and sequence slots allow. When a decode step needs more
+    fresh blocks than are free, the newest running sequences are pre-empted: their blocks are
+    freed and they wait again, to be re-prefilled from prompt + generated tokens."""
+
+    def __init__(self, blocks: BlockManager, max_batch_tokens: int, max_num_seqs: int, waiting=()):
+        self.blocks = blocks
+        self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
+        self.waiting: deque[list[Sequence]] = deque(waiting)
+        self.running: list[Sequence] = []  # in admission order: the last is pre-empted first
+        self.preemptions = 0
 
     @property
-    def num_generated(self) -> int:
-        return len(self.tokens) - self.num_prompt
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self) -> list[list[Sequence]]:
+        """Take waiting groups while blocks, prefill tokens and sequence slots allow. One free block per
+        running sequence is kept in reserve so the next decode step does not pre-empt what was just
+        admitted (which would loop). The admitted sequences run from now on; each group's first one
+        gets the blocks its prefill fills (the others fork them after the prefill)."""
+        admitted, tokens = [], 0
+        free = self.blocks.num_free
+        num_seqs = len(self.running)
+        while self.waiting:
+            group = self.waiting[0]
+            length = len(group[0].tokens)
+            full, partial = divmod(length, self.blocks.block_size)
+            room = self.max_num_seqs - num_seqs
+            if room <= 0 or (admitted and tokens + length > self.max_batch_tokens):
+                break
+            k = min(len(group), room)
+            idle = num_seqs == 0 and not admitted  # nothing else could free blocks: admit what fits at all
+            while k > 0 and full + k * (partial > 0) + (0 if idle else num_seqs + k) > free:
+                k -= 1
+            if k == 0:
+                break
+            if k < len(group):  # split a prompt's rollouts: the rest stays waiting (prefilled again later)
+                self.waiting[0] = group[k:]
+                group = group[:k]
+            else:
+                self.waiting.popleft()
+            admitted.append(group)
+            tokens += length
+            free -= full + k * (partial > 0)
+            num_seqs += k
+        for group in admitted:
+            self.blocks.allocate_prompt(group[0])
+            self.running += group
+        return admitted
+
+    def schedule_decode(self) -> list[Sequence]:
+        """The running sequences, each with a slot for its pending token. Some pending tokens open a
+        fresh block: the newest sequences are pre-empted until the pool has them."""
+        need = sum(map(self.blocks.needs_block, self.running))
+        while need > self.blocks.num_free:
+            victim = self.running.pop()  # the most recently admitted
+            need -= self.blocks.needs_block(victim)
+            self.preempt(victim)
+        for seq in self.running:
+            if self.blocks.needs_block(seq):
+                self.blocks.append_block(seq)
+        return self.running
+
+    def preempt(self, seq: Sequence):
+        self.blocks.free(seq)
+        self.waiting.appendleft([seq])
+        self.preemptions += 1
+
+    def append_tokens(self, seqs, tokens, logprobs, stop_token_ids) -> list[Sequence]:
+        """Append each sequence's sampled token; the finished ones stop running and give back their
+        blocks at once. Returns those."""
+        finished = []
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            seq.append(token, logprob, stop_token_ids)
+            if seq.finish_reason is not None:
+                self.blocks.free(seq)
+                finished.append(seq)
+        self.running = [seq for seq in self.running if seq.finish_reason is None]
+        return finished
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -168,55 +314,231 @@ def sample_tokens(logits, temperature, top_p, uniforms):
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 # -----------------------------------------------------------------------------
-# The sampler
+# The model runner
 
 
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512]
 
 
+def kv_pool_blocks(model, block_size, kv_cache_tokens, gpu_memory_fraction, cpu_cache_gib) -> int:
+    """The KV pool's size in blocks: kv_cache_tokens when given, else gpu_memory_fraction of the free GPU
+    memory (after the weights) on CUDA, cpu_cache_gib on CPU."""
+    weight = model.embed_tokens.weight
+    bytes_per_block = M.kv_bytes_per_token(model.config, weight.dtype) * block_size
+    if kv_cache_tokens is not None:
+        num_blocks = kv_cache_tokens // block_size
+    elif weight.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(weight.device)
+        num_blocks = int(free * gpu_memory_fraction) // bytes_per_block
+    else:
+        num_blocks = int(cpu_cache_gib * 2 ** 30) // bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(f"KV cache of {kv_cache_tokens} tokens holds no block of {block_size} tokens")
+    return num_blocks
+
+
+class ModelRunner:
+    """The forwards over the paged KV pool: a packed prefill and a decode step (eager, or replayed
+    from a CUDA graph). model.hidden_states does the model; the attend closures given to it store
+    each layer's k/v into the pool and attend."""
+
+    def __init__(self, model, num_blocks, block_size, vocab_size, max_seq_len, use_triton, cuda_graphs):
+        cfg = model.config
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self.block_size, self.vocab_size, self.max_seq_len = block_size, vocab_size, max_seq_len
+        self.use_triton = use_triton
+        self.scale = cfg.head_dim ** -0.5
+        with torch.inference_mode():  # (L, 2, num_blocks, block_size, KVH, D): k and v of every layer
+            self.pool = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                                    dtype=model.embed_tokens.weight.dtype, device=self.device)
+        # graphs need the Triton path: its kernels skip the padding rows (slot -1, length 0)
+        self.graphs = _DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" and use_triton else None
+
+    @property
+    def head_weight(self):
+        return self.model.head_weight[:self.vocab_size]  # rows past the tokenizer's vocabulary never get sampled
+
+    def copy_block(self, src: int, dst: int):
+        self.pool[:, :, dst] = self.pool[:, :, src]  # every layer's k and v
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ---- prefill: the sequences' tokens packed in one row ----
+
+    def prefill(self, seqs: list[Sequence]):
+        """Every token of every sequence into its blocks; logits at each sequence's last token (S, V)."""
+        bs = self.block_size
+        tokens, positions, slots, bounds = [], [], [], []
+        for seq in seqs:
+            length = len(seq.tokens)
+            bounds.append((len(tokens), len(tokens) + length))
+            tokens += seq.tokens
+            positions += range(length)
+            slots += [seq.blocks[i // bs] * bs + i % bs for i in range(length)]
+        dev = self.device
+        tok = torch.tensor(tokens, device=dev)[None]  # (1, N)
+        pos = torch.tensor(positions, device=dev)[None]  # (1, N)
+        slot = torch.tensor(slots, device=dev)  # (N,)
+        h = self.model.hidden_states(tok, pos, self._prefill_attend(slot, bounds))[0]  # (N, d)
+        last = torch.tensor([end - 1 for _, end in bounds], device=dev)
+        return F.linear(h[last], self.head_weight)  # (S, V)
+
+    def _prefill_attend(self, slots, bounds):
+        store = store_kv_triton if self.use_triton else store_kv_torch
+
+        def attend(layer, q, k, v):  # q (1, N, H, D), k/v (1, N, KVH, D)
+            store(self.pool[layer, 0], self.pool[layer, 1], k[0], v[0], slots)
+            # each sequence attends causally to itself only (no cached prefix: prefill always starts at 0)
+            outs = [M.causal_attention(layer, q[:, s:e], k[:, s:e], v[:, s:e]) for s, e in bounds]
+            return torch.cat(outs, dim=1)
+        return attend
+
+    # ---- decode: one token per sequence, attending through the block tables ----
+
+    def decode(self, seqs: list[Sequence]):
+        """Each sequence's pending token into its slot; the logits after it (B, V)."""
+        bs = self.block_size
+        dev = self.device
+        lens = [len(s.tokens) for s in seqs]
+        width = max(len(s.blocks) for s in seqs)
+        tok = torch.tensor([s.tokens[-1] for s in seqs], device=dev)[:, None]  # (B, 1)
+        pos = torch.tensor(lens, device=dev)[:, None] - 1  # (B, 1)
+        slot = torch.tensor([s.blocks[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, lens)], device=dev)
+        table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], dtype=torch.int32, device=dev)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        if self.graphs is not None and len(seqs) <= GRAPH_BATCH_SIZES[-1]:
+            return self.graphs.run(tok, pos, slot, table, seq_lens)
+        return self.decode_logits(tok, pos, slot, table, seq_lens)
+
+    @torch.inference_mode()
+    def decode_logits(self, tok, pos, slot, table, seq_lens, num_splits=1):
+        """One decode forward: tok/pos (B, 1), slot (B,), table int32 (B, W), seq_lens int32 (B,) -> logits (B, V)."""
+        table_long = None if self.use_triton else table.long()  # torch indexing wants int64
+
+        def attend(layer, q, k, v):  # q (B, 1, H, D), k/v (B, 1, KVH, D)
+            k_cache, v_cache = self.pool[layer, 0], self.pool[layer, 1]
+            if self.use_triton:
+                store_kv_triton(k_cache, v_cache, k[:, 0], v[:, 0], slot)
+                out = paged_decode_attention_triton(q[:, 0], k_cache, v_cache, table, seq_lens, self.scale, num_splits)
+            else:
+                store_kv_torch(k_cache, v_cache, k[:, 0], v[:, 0], slot)
+                out = paged_decode_attention_torch(q[:, 0], k_cache, v_cache, table_long, seq_lens, self.scale)
+            return out[:, None]
+        h = self.model.hidden_states(tok, pos, attend)  # (B, 1, d)
+        return F.linear(h[:, 0], self.head_weight)
+
+
+class _DecodeGraphs:
+    """CUDA graphs of decode_logits for padded batch sizes 1, 2, 4, ..., 512, captured lazily.
+    Inputs live in static buffers; padding rows have slot -1 (the store kernel skips them) and
+    length 0 (attention writes zeros). The block table has a fixed width (max_seq_len / block_size)
+    so launch grids never change. A capture bakes in the adapter (its kind, options, Python floats
+    such as steering_scale, and the addresses of the tensors it reads): model.adapter_key() names
+    all of it, and the graphs are re-captured when it changes. The tensors' values are read at
+    replay, so in-place optimizer updates (every adapter, full fine-tuning included) are seen."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        dev = runner.device
+        n = GRAPH_BATCH_SIZES[-1]
+        self.width = cdiv(runner.max_seq_len, runner.block_size)
+        self.tok = torch.zeros(n, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
+        self.slot = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.table = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.graphs, self.outputs, self.mempool, self.key = {}, {}, None, None
+        self.sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
+
+    def _splits(self, batch):
+        # enough programs to fill the GPU twice over; split-KV only helps small batches
+        programs = batch * self.runner.model.config.num_kv_heads
+        return max(1, min(16, self.width, (2 * self.sm_count) // programs))
+
+    def _capture(self, batch):
+        args = (self.tok[:batch], self.pos[:batch], self.slot[:batch], self.table[:batch], self.seq_lens[:batch])
+        splits = self._splits(batch)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up compiles the kernels outside the capture
+            self.runner.decode_logits(*args, num_splits=splits)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            self.outputs[batch] = self.runner.decode_logits(*args, num_splits=splits)
+        self.mempool = graph.pool()
+        self.graphs[batch] = graph
+
+    def run(self, tok, pos, slot, table, seq_lens):
+        model = self.runner.model
+        key = model.adapter_key()
+        if key != self.key:  # captured graphs hold an old adapter, scale or tensor address
+            self.graphs, self.outputs, self.key = {}, {}, key
+        b = tok.shape[0]
+        batch = next(x for x in GRAPH_BATCH_SIZES if x >= b)
+        self.tok[:b], self.pos[:b], self.slot[:b], self.seq_lens[:b] = tok, pos, slot, seq_lens
+        self.tok[b:batch], self.pos[b:batch], self.slot[b:batch], self.seq_lens[b:batch] = 0, 0, -1, 0
+        self.table[:b, :table.shape[1]] = table
+        if batch not in self.graphs:
+            self._capture(batch)
+        self.graphs[batch].replay()
+        return self.outputs[batch][:b]
+
+# -----------------------------------------------------------------------------
+# The sampler
+
+
 class Sampler:
+    """generate() drives the parts: the scheduler admits waiting work and the runner prefills it,
+    then every running sequence decodes one token per step; each sequence's next token is drawn
+    from its logits here, and the finished ones become completions."""
+
     def __init__(self, model, kv_cache_tokens=None, block_size=16, gpu_memory_fraction=0.5, vocab_size=None,
-                 max_batch_tokens=8192, max_num_seqs=512, max_seq_len=16384, cpu_cache_gib=2.0,
-                 use_triton=None, cuda_graphs=True):
+                 max_batch_tokens=memory.SAMPLER_MAX_BATCH_TOKENS, max_num_seqs=memory.SAMPLER_MAX_NUM_SEQS,
+                 max_seq_len=16384, cpu_cache_gib=2.0, use_triton=None, cuda_graphs=True):
         """kv_cache_tokens: pool size in tokens; default = gpu_memory_fraction of free GPU memory (after
         the weights) on CUDA, cpu_cache_gib on CPU. vocab_size: the tokenizer's real vocabulary (ids
         >= it are never sampled); default = the model's. max_batch_tokens: tokens per packed prefill.
         use_triton: default = the model is on CUDA (tests force it on CPU under TRITON_INTERPRET=1)."""
         cfg = model.config
         self.model = model
-        self.device = model.embed_tokens.weight.device
-        self.dtype = model.embed_tokens.weight.dtype
-        self.block_size = block_size
-        self.vocab_size = vocab_size or cfg.vocab_size
-        if not 0 < self.vocab_size <= cfg.vocab_size:
+        vocab_size = vocab_size or cfg.vocab_size
+        if not 0 < vocab_size <= cfg.vocab_size:
             raise ValueError(f"vocab_size {vocab_size} must be in 1..{cfg.vocab_size} (the model's vocabulary)")
-        self.max_batch_tokens, self.max_num_seqs, self.max_seq_len = max_batch_tokens, max_num_seqs, max_seq_len
-        self.use_triton = self.device.type == "cuda" if use_triton is None else use_triton
-        if self.use_triton and not HAS_TRITON:
+        if use_triton is None:
+            use_triton = model.embed_tokens.weight.device.type == "cuda"
+        if use_triton and not HAS_TRITON:
             raise RuntimeError("use_triton needs the triton package")
-        self.scale = cfg.head_dim ** -0.5
-
-        bytes_per_block = M.kv_bytes_per_token(cfg, self.dtype) * block_size
-        if kv_cache_tokens is not None:
-            num_blocks = kv_cache_tokens // block_size
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            num_blocks = int(free * gpu_memory_fraction) // bytes_per_block
-        else:
-            num_blocks = int(cpu_cache_gib * 2 ** 30) // bytes_per_block
-        if num_blocks < 1:
-            raise ValueError(f"KV cache of {kv_cache_tokens} tokens holds no block of {block_size} tokens")
-        with torch.inference_mode():
-            self.pool = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                    dtype=self.dtype, device=self.device)
-        self.blocks = BlockManager(num_blocks)
+        num_blocks = kv_pool_blocks(model, block_size, kv_cache_tokens, gpu_memory_fraction, cpu_cache_gib)
+        self.block_size = block_size
+        self.max_batch_tokens, self.max_num_seqs, self.max_seq_len = max_batch_tokens, max_num_seqs, max_seq_len
+        self.runner = ModelRunner(model, num_blocks, block_size, vocab_size, max_seq_len, use_triton, cuda_graphs)
+        self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_batch_tokens, max_num_seqs)
         self.stats = Stats()
-        # graphs need the Triton path: its kernels skip the padding rows (slot -1, length 0)
-        self.graphs = _DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" and self.use_triton else None
+
+    # ---- the parts' state that tests and benchmarks read ----
 
     @property
-    def head_weight(self):
-        return self.model.head_weight[:self.vocab_size]  # rows past the tokenizer's vocabulary never get sampled
+    def blocks(self) -> BlockManager:
+        return self.scheduler.blocks
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def pool(self):
+        return self.runner.pool
+
+    @property
+    def graphs(self):
+        return self.runner.graphs
+
+    def decode_logits(self, tok, pos, slot, table, seq_lens, num_splits=1):
+        return self.runner.decode_logits(tok, pos, slot, table, seq_lens, num_splits)
 
     # ---- public entry point ----
 
@@ -230,22 +552,24 @@ class Sampler:
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         self._check(prompts, n, limits, temperature, top_p)
         self.stats = Stats()
-        self.blocks = BlockManager(self.blocks.num_blocks)  # whole again even if a previous call was interrupted
         seed = random.getrandbits(63) if seed is None else seed
         self.params = SamplingParams(temperature, top_p, frozenset(stop_token_ids), seed, prompt_offset)
         self.results = [[None if limit else Completion([], [], "length") for _ in range(n)] for limit in limits]
-        # waiting work: lists of sequences with identical tokens, prefilled together (a prompt's
-        # n fresh rollouts, or a single pre-empted sequence)
-        self.waiting = deque([[_Seq(p, r, list(tokens), len(tokens), limits[p]) for r in range(n)]
-                              for p, tokens in enumerate(prompts) if limits[p] > 0])
-        self.running: list[_Seq] = []
-        while self.waiting or self.running:
-            admitted = self._admit()
+        # waiting work: each prompt's n rollouts, prefilled together. A fresh scheduler and block
+        # manager: the pool is whole again even if a previous call was interrupted
+        groups = [[Sequence(p, r, list(tokens), len(tokens), limits[p]) for r in range(n)]
+                  for p, tokens in enumerate(prompts) if limits[p] > 0]
+        blocks = BlockManager(self.blocks.num_blocks, self.block_size)
+        self.scheduler = Scheduler(blocks, self.max_batch_tokens, self.max_num_seqs, groups)
+        while self.scheduler.has_work:
+            admitted = self.scheduler.admit()
             if admitted:
                 self._prefill(admitted)
-            if self.running:
+            if self.scheduler.running:
                 self._decode()
-        assert self.blocks.num_free == self.blocks.num_blocks, "blocks leaked"
+        assert blocks.num_free == blocks.num_blocks, "blocks leaked"
+        # the parts count these as they go
+        self.stats.preemptions, self.stats.peak_blocks_used = self.scheduler.preemptions, blocks.peak_used
         return self.results
 
     def _check(self, prompts, n, limits, temperature, top_p):
@@ -268,250 +592,51 @@ class Sampler:
                                  f"{self.blocks.num_blocks} blocks and max_seq_len is {self.max_seq_len}; "
                                  "raise kv_cache_tokens / gpu_memory_fraction or shorten the request")
 
-    # ---- scheduling ----
+    # ---- the steps ----
 
-    def _admit(self):
-        """Take waiting work while blocks, prefill tokens and sequence slots allow. One free block per
-        running sequence is kept in reserve so the next decode step does not pre-empt what was just
-        admitted (which would loop)."""
-        admitted, tokens = [], 0
-        free = self.blocks.num_free
-        num_seqs = len(self.running)
-        while self.waiting:
-            item = self.waiting[0]
-            length = len(item[0].tokens)
-            full, partial = divmod(length, self.block_size)
-            room = self.max_num_seqs - num_seqs
-            if room <= 0 or (admitted and tokens + length > self.max_batch_tokens):
-                break
-            k = min(len(item), room)
-            idle = num_seqs == 0 and not admitted  # nothing else could free blocks: admit what fits at all
-            while k > 0 and full + k * (partial > 0) + (0 if idle else num_seqs + k) > free:
-                k -= 1
-            if k == 0:
-                break
-            if k < len(item):  # split a prompt's rollouts: the rest stays waiting (prefilled again later)
-                self.waiting[0] = item[k:]
-                item = item[:k]
-            else:
-                self.waiting.popleft()
-            admitted.append(item)
-            tokens += length
-            free -= full + k * (partial > 0)
-            num_seqs += k
-        return admitted
+    def _prefill(self, groups: list[list[Sequence]]):
+        """One packed prefill of each admitted group's first sequence; the group's other sequences
+        then fork its cache, and all of them draw their next token from its logits."""
+        t0 = time.perf_counter()
+        firsts = [group[0] for group in groups]
+        self.stats.prefill_tokens += sum(len(seq.tokens) for seq in firsts)
+        logits = self.runner.prefill(firsts)  # (groups, V)
+        for group in groups:
+            for seq in group[1:]:
+                copy = self.blocks.fork(group[0], seq)
+                if copy is not None:
+                    self.runner.copy_block(*copy)
+        seqs = [seq for group in groups for seq in group]
+        rows = torch.tensor([i for i, group in enumerate(groups) for _ in group], device=logits.device)
+        self._sample_next(seqs, logits[rows])
+        self.runner.sync()
+        self.stats.prefill_seconds += time.perf_counter() - t0
 
-    def _free(self, seq):
-        """Give back the sequence's blocks (a prompt block shared with other rollouts stays theirs)."""
-        for b in seq.blocks:
-            self.blocks.release(b)
-        seq.blocks = []
+    def _decode(self):
+        """One token for every running sequence (bench/gpu.py times decode by wrapping this method)."""
+        t0 = time.perf_counter()
+        seqs = self.scheduler.schedule_decode()
+        self._sample_next(seqs, self.runner.decode(seqs))
+        self.stats.decode_tokens += len(seqs)
+        self.stats.decode_steps += 1
+        self.runner.sync()
+        self.stats.decode_seconds += time.perf_counter() - t0
 
-    def _needs_block(self, seq) -> bool:
-        """Whether the pending token's slot (len - 1) lies past the sequence's blocks."""
-        return len(seq.tokens) - 1 >= len(seq.blocks) * self.block_size
-
-    def _preempt(self, seq):
-        self._free(seq)
-        self.waiting.appendleft([seq])
-        self.stats.preemptions += 1
-
-    def _finish_or_keep(self, seqs, tokens, logprobs):
-        """Append the sampled token to each sequence; retire finished ones (their blocks go back at once)."""
-        keep = []
-        for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
-            seq.tokens.append(tok)
-            seq.logprobs.append(lp)
-            reason = ("stop" if tok in self.params.stop_token_ids else
-                      "length" if seq.num_generated >= seq.max_new_tokens else None)
-            if reason is None:
-                keep.append(seq)
-                continue
-            self._free(seq)
-            self.results[seq.prompt][seq.rollout] = Completion(seq.tokens[seq.num_prompt:], seq.logprobs, reason)
-        return keep
-
-    def _sample(self, seqs, logits):
+    def _sample_next(self, seqs: list[Sequence], logits):
+        """Draw each sequence's next token from its logits (B, V); the finished sequences' completions
+        go into the results."""
         params = self.params
         meta = torch.tensor([[s.prompt + params.prompt_offset, s.rollout, s.num_generated] for s in seqs],
                             device=logits.device)  # (B, 3)
         u = sequence_uniforms(params.seed, meta[:, 0], meta[:, 1], meta[:, 2])
-        return sample_tokens(logits.float(), params.temperature, params.top_p, u)
-
-    def _track_peak(self):
-        used = self.blocks.num_blocks - self.blocks.num_free
-        self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, used)
-
-    # ---- prefill: every admitted item's tokens packed in one row ----
-
-    def _prefill(self, items):
-        t0 = time.perf_counter()
-        bs = self.block_size
-        tokens, positions, slots, bounds = [], [], [], []
-        for item in items:
-            seq = item[0]
-            length = len(seq.tokens)
-            seq.blocks = [self.blocks.allocate() for _ in range(cdiv(length, bs))]
-            bounds.append((len(tokens), len(tokens) + length))
-            tokens += seq.tokens
-            positions += range(length)
-            slots += [seq.blocks[i // bs] * bs + i % bs for i in range(length)]
-        dev = self.device
-        tok = torch.tensor(tokens, device=dev)[None]  # (1, N)
-        pos = torch.tensor(positions, device=dev)[None]
-        slot = torch.tensor(slots, device=dev)
-        attend = self._prefill_attend(slot, bounds)
-        h = self.model.hidden_states(tok, pos, attend)[0]  # (N, d)
-        last = torch.tensor([end - 1 for _, end in bounds], device=dev)
-        logits = F.linear(h[last], self.head_weight)  # (items, V)
-
-        # the item's other sequences share its full blocks and copy its partial last block
-        for item in items:
-            first = item[0]
-            full = len(first.tokens) // bs
-            for seq in item[1:]:
-                for b in first.blocks[:full]:
-                    self.blocks.share(b)
-                seq.blocks = first.blocks[:full]
-                if full < len(first.blocks):
-                    copy = self.blocks.allocate()
-                    self.pool[:, :, copy] = self.pool[:, :, first.blocks[full]]
-                    seq.blocks = seq.blocks + [copy]
-        self._track_peak()
-        seqs = [s for item in items for s in item]
-        rows = torch.tensor([i for i, item in enumerate(items) for _ in item], device=dev)
-        new_tokens, logprobs = self._sample(seqs, logits[rows])
-        self.running += self._finish_or_keep(seqs, new_tokens, logprobs)
-        self.stats.prefill_tokens += len(tokens)
-        self._sync()
-        self.stats.prefill_seconds += time.perf_counter() - t0
-
-    def _prefill_attend(self, slots, bounds):
-        store = store_kv_triton if self.use_triton else store_kv_torch
-
-        def attend(layer, q, k, v):  # q (1, N, H, D), k/v (1, N, KVH, D)
-            store(self.pool[layer, 0], self.pool[layer, 1], k[0], v[0], slots)
-            # each sequence attends causally to itself only (no cached prefix: prefill always starts at 0)
-            outs = [M.causal_attention(layer, q[:, s:e], k[:, s:e], v[:, s:e]) for s, e in bounds]
-            return torch.cat(outs, dim=1)
-        return attend
-
-    # ---- decode: one token per running sequence ----
-
-    def _decode(self):
-        t0 = time.perf_counter()
-        bs = self.block_size
-        # some pending tokens open a fresh block: pre-empt the newest sequences until the pool has them
-        need = sum(map(self._needs_block, self.running))
-        while need > self.blocks.num_free:
-            victim = self.running.pop()  # the most recently admitted
-            need -= self._needs_block(victim)
-            self._preempt(victim)
-        for s in self.running:
-            if self._needs_block(s):
-                s.blocks.append(self.blocks.allocate())
-        self._track_peak()
-        seqs = self.running
-        dev = self.device
-        lens = [len(s.tokens) for s in seqs]
-        width = max(len(s.blocks) for s in seqs)
-        tok = torch.tensor([s.tokens[-1] for s in seqs], device=dev)[:, None]  # (B, 1)
-        pos = torch.tensor(lens, device=dev)[:, None] - 1
-        slot = torch.tensor([s.blocks[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, lens)], device=dev)
-        table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], dtype=torch.int32, device=dev)
-        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
-        if self.graphs is not None and len(seqs) <= GRAPH_BATCH_SIZES[-1]:
-            logits = self.graphs.run(tok, pos, slot, table, seq_lens)
-        else:
-            logits = self.decode_logits(tok, pos, slot, table, seq_lens)
-        new_tokens, logprobs = self._sample(seqs, logits)
-        self.running = self._finish_or_keep(seqs, new_tokens, logprobs)
-        self.stats.decode_tokens += len(seqs)
-        self.stats.decode_steps += 1
-        self._sync()
-        self.stats.decode_seconds += time.perf_counter() - t0
-
-    @torch.inference_mode()
-    def decode_logits(self, tok, pos, slot, table, seq_lens, num_splits=1):
-        """One decode forward: tok/pos (B, 1), slot (B,), table int32 (B, W), seq_lens int32 (B,) -> logits (B, V)."""
-        table_long = None if self.use_triton else table.long()  # torch indexing wants int64
-
-        def attend(layer, q, k, v):  # q (B, 1, H, D), k/v (B, 1, KVH, D)
-            k_cache, v_cache = self.pool[layer, 0], self.pool[layer, 1]
-            if self.use_triton:
-                store_kv_triton(k_cache, v_cache, k[:, 0], v[:, 0], slot)
-                out = paged_decode_attention_triton(q[:, 0], k_cache, v_cache, table, seq_lens, self.scale, num_splits)
-            else:
-                store_kv_torch(k_cache, v_cache, k[:, 0], v[:, 0], slot)
-                out = paged_decode_attention_torch(q[:, 0], k_cache, v_cache, table_long, seq_lens, self.scale)
-            return out[:, None]
-        h = self.model.hidden_states(tok, pos, attend)  # (B, 1, d)
-        return F.linear(h[:, 0], self.head_weight)
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-class _DecodeGraphs:
-    """CUDA graphs of decode_logits for padded batch sizes 1, 2, 4, ..., 512, captured lazily.
-    Inputs live in static buffers; padding rows have slot -1 (the store kernel skips them) and
-    length 0 (attention writes zeros). The block table has a fixed width (max_seq_len / block_size)
-    so launch grids never change. A capture bakes in the adapter (its kind, options, Python floats
-    such as steering_scale, and the addresses of the tensors it reads): model.adapter_key() names
-    all of it, and the graphs are re-captured when it changes. The tensors' values are read at
-    replay, so in-place optimizer updates (every adapter, full fine-tuning included) are seen."""
-
-    def __init__(self, sampler: Sampler):
-        self.s = sampler
-        dev = sampler.device
-        n = GRAPH_BATCH_SIZES[-1]
-        self.width = cdiv(sampler.max_seq_len, sampler.block_size)
-        self.tok = torch.zeros(n, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(n, 1, dtype=torch.long, device=dev)
-        self.slot = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.table = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.graphs, self.outputs, self.mempool, self.key = {}, {}, None, None
-        self.sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
-
-    def _splits(self, batch):
-        # enough programs to fill the GPU twice over; split-KV only helps small batches
-        programs = batch * self.s.model.config.num_kv_heads
-        return max(1, min(16, self.width, (2 * self.sm_count) // programs))
-
-    def _capture(self, batch):
-        args = (self.tok[:batch], self.pos[:batch], self.slot[:batch], self.table[:batch], self.seq_lens[:batch])
-        splits = self._splits(batch)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up compiles the kernels outside the capture
-            self.s.decode_logits(*args, num_splits=splits)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
-            self.outputs[batch] = self.s.decode_logits(*args, num_splits=splits)
-        self.mempool = graph.pool()
-        self.graphs[batch] = graph
-
-    def run(self, tok, pos, slot, table, seq_lens):
-        model = self.s.model
-        key = model.adapter_key()
-        if key != self.key:  # captured graphs hold an old adapter, scale or tensor address
-            self.graphs, self.outputs, self.key = {}, {}, key
-        b = tok.shape[0]
-        batch = next(x for x in GRAPH_BATCH_SIZES if x >= b)
-        self.tok[:b], self.pos[:b], self.slot[:b], self.seq_lens[:b] = tok, pos, slot, seq_lens
-        self.tok[b:batch], self.pos[b:batch], self.slot[b:batch], self.seq_lens[b:batch] = 0, 0, -1, 0
-        self.table[:b, :table.shape[1]] = table
-        if batch not in self.graphs:
-            self._capture(batch)
-        self.graphs[batch].replay()
-        return self.outputs[batch][:b]
+        tokens, logprobs = sample_tokens(logits.float(), params.temperature, params.top_p, u)
+        for seq in self.scheduler.append_tokens(seqs, tokens.tolist(), logprobs.tolist(), params.stop_token_ids):
+            self.results[seq.prompt][seq.rollout] = seq.completion()
 
 # -----------------------------------------------------------------------------
 # Command line: try a (steered) model, as nanoGPT's sample.py. Only this part reads the
-# tokenizer, the grader and the hub (imported in main), so the engine depends on model.py alone.
+# tokenizer, the grader and the hub (imported in main), so the engine depends on model.py (and
+# memory.py's batch limits) alone.
 
 CLI_DOC = """Generate from a model, with or without a steering vector:
 
@@ -684,7 +809,6 @@ def main(argv=None) -> list[dict]:
 
 def _run(args) -> list[dict]:
     import data
-    import memory
     from tqdm import tqdm
     questions, answers = gather_questions(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -30,395 +30,29 @@ full/), {adapter}-step{N}.safetensors for every checkpoint (the history), and ch
 (everything to resume). Every file is written to a temporary name and renamed, so a crash never
 leaves a half-written one. Re-running the same command on the directory continues the run.
 """
-import argparse
-import copy
 import functools
 import gc
-import hashlib
-import json
 import math
 import os
-import signal
-import socket
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import adapters
 import cluster
 import memory
 import model as M
 import rloo
+from rl_task import TASKS, Task, completion_budget, eval_task
+from run_lifecycle import (RunLog, StopSignals, build_tiny_model, load_checkpoint, prepare_run_dir,
+                           save_checkpoint, write_text)
 from sample import Sampler
-
-# -----------------------------------------------------------------------------
-# Config: every field is a command-line flag (--field-name); defaults are the paper's
-# Qwen2.5-Math-1.5B recipe.
-
-
-def _opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    # what to train on
-    model: str = _opt("Qwen/Qwen2.5-Math-1.5B", "base model: a checkpoint folder, a hub id, or 'random-tiny' "
-                      "(a tiny random model written into the run directory; for --task toy)")
-    tokenizer: str = _opt("", "tokenizer folder (default: the model's folder)")
-    task: str = _opt("math", "'math': dataset problems, reward from the boxed answer; 'toy': random prompts, "
-                     "reward = fraction of completion tokens equal to --toy-target (no tokenizer, no data)")
-    dataset: str = _opt("math", "training set for --task math: math (MATH train), gsm8k, deepscaler")
-    data_dir: str = _opt("", "folder with the dataset JSONL files (default: $STEER_DATA_DIR, else ../shared/data "
-                         "when it exists, else the hub)")
-    # what trains (adapters.py; every base weight stays frozen except with --adapter full)
-    adapter: str = _opt("steering", "steering (one vector per layer, the paper's method), lora (rank --lora-rank on "
-                        "every MLP down_proj of --layers) or full (every base weight). The paper's learning rates "
-                        "(its Table 6 / official configs): steering 1e-3 (Qwen2.5 up to 7B), 5e-4 (14B), 3e-4 "
-                        "(Llama-3.1-8B), 8e-5 (Llama-3.1-8B-Instruct); LoRA 1e-4; full 1e-6 (2e-6 for "
-                        "Qwen2.5-Math-1.5B); the deepscaler-* presets set them")
-    layers: str = _opt("", "layers whose vector / LoRA trains, e.g. 27, 0-13 or 20,24,27 (default: all)")
-    steer_at: str = _opt("post-block", "where a steering vector is added: post-block (after the whole block, the "
-                         "paper's) or post-attn (after the attention residual, before the MLP)")
-    lora_rank: int = _opt(4, "LoRA rank r (the paper: 4, and 1 in its Table 1 LoRA rows)")
-    lora_alpha: float = _opt(0.0, "LoRA alpha; the update is scaled by alpha / r (0 = r, the paper's)")
-    # rollouts
-    prompts_per_step: int = _opt(128, "prompts per optimizer step, over all ranks (must divide by the world size)")
-    rollouts: int = _opt(16, "rollouts per prompt: n, the RLOO group size, >= 2 (not --n: torchrun would take "
-                         "that for an abbreviation of its own --nnodes / --nproc-per-node)")
-    temperature: float = _opt(1.0, "sampling temperature; the loss uses the same logits / temperature")
-    top_p: float = _opt(1.0, "nucleus sampling mass; must stay 1: the loss is on-policy for the full distribution")
-    max_len: int = _opt(4096, "maximum prompt + completion tokens")
-    max_new_tokens: int = _opt(0, "completion budget; 0 = max_len - prompt length, per prompt (a fixed budget is "
-                               "also cut so that prompt + completion <= max_len)")
-    max_prompt_len: int = _opt(1024, "prompts longer than this (tokens) are skipped, and counted, at startup")
-    # optimisation
-    lr: float = _opt(1e-3, "AdamW learning rate (after warmup)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    warmup: float = _opt(0.03, "fraction of the steps with linear warmup from 0; constant after")
-    grad_clip: float = _opt(2.0, "clip the global gradient norm to this (0 = off)")
-    loss_norm: str = _opt("token", "loss normalisation: token (÷ completion tokens of the step, all ranks), "
-                          "sequence (mean of per-sequence means), constant (÷ sequences x completion budget, "
-                          "Dr. GRPO; the budget is max_new_tokens, or max_len when that is 0)")
-    reward: str = _opt("pm1", "math reward values: pm1 (+1 correct / -1 wrong) or 01 (1 / 0)")
-    dynamic_sampling: int = _opt(0, "DAPO's dynamic sampling: up to this many extra sampling rounds per step, each "
-                                 "drawing fresh prompts for those whose rollouts all got the same reward (no "
-                                 "signal), until the step has --prompts-per-step prompts with signal; the rest stay "
-                                 "as drawn. 0 = off (the paper's). Logged: dynamic_draws, signal_prompts")
-    tis_cap: float = _opt(0.0, "truncated importance sampling: weight each token's log-prob in the loss by "
-                          "min(pi_train / pi_sampler, C), correcting the sampler/trainer gap (logprob_gap; bf16, "
-                          "CUDA graphs). 0 = off (the paper's); Yao et al. use C = 2")
-    epochs: int = _opt(1, "passes over the training set")
-    max_steps: int = _opt(0, "stop after this many steps (0 = the epochs decide)")
-    seed: int = _opt(0, "seeds the data order, the rollouts and the random-tiny model")
-    # systems
-    device: str = _opt("auto", "auto (cuda:LOCAL_RANK when CUDA is present, else cpu), cpu or cuda")
-    dtype: str = _opt("auto", "model weights dtype: auto (model.auto_dtype: bfloat16 on CUDA and on CPUs with native "
-                      "bf16 matmuls, else float32), float32, bfloat16, float16; steering and its gradient are "
-                      "always float32")
-    micro_batch_tokens: int = _opt(0, "padded tokens per backward micro-batch (rows x longest row); 0 = the "
-                                   "memory plan's: the largest that fits beside weights, optimizer state and KV pool")
-    activation_checkpointing: bool | None = _opt(None, "recompute each block in backward: keeps one block's "
-                                                 "activations instead of all layers' (the steering gradient of "
-                                                 "layer 0 needs the whole backward), for ~1/3 more backward time. "
-                                                 "Default (neither flag): the memory plan decides (CPU: only when "
-                                                 "one sequence would not fit without; CUDA: unless the whole step "
-                                                 "fits without)")
-    kv_cache_tokens: int = _opt(0, "sampler KV pool in tokens; 0 = the memory plan's: one step's rollouts, at most "
-                                "--gpu-memory-fraction of the memory that weights and optimizer state leave")
-    gpu_memory_fraction: float = _opt(0.5, "share of the memory left beside weights and optimizer state that the KV "
-                                      "pool may take (CPU or GPU; --kv-cache-tokens 0)")
-    reward_workers: int = _opt(0, "math-verify worker processes per rank (0 = reward.py's default)")
-    reward_timeout: float = _opt(5.0, "seconds per answer check before it counts as wrong")
-    collective_timeout: float = _opt(1800.0, "seconds a collective waits for the other ranks: a dead rank makes "
-                                     "the others exit with an error after this long instead of hanging")
-    # evaluation during training (on the live model, with the training sampler)
-    eval_every: int = _opt(0, "evaluate every this many steps, and before the first (0 = never); logged into "
-                           "metrics.jsonl as eval_* fields")
-    eval_bench: str = _opt("math500", "benchmark (test split) for --eval-every")
-    eval_limit: int = _opt(100, "first N problems of --eval-bench (0 = all)")
-    eval_samples: int = _opt(1, "samples per problem for --eval-every (eval_accuracy is their mean)")
-    eval_temperature: float = _opt(0.0, "sampling temperature for --eval-every (0 = greedy)")
-    # run directory
-    out_dir: str = _opt("", "run directory (default: runs/<task>-<time>). If it holds a run of the same config, "
-                        "that run continues from its last checkpoint (so re-running a command, a torchrun restart "
-                        "or a requeue resumes); a different config is refused")
-    resume: str = _opt("", "continue the run in this directory from its last checkpoint (other flags not allowed)")
-    checkpoint_every: int = _opt(50, "checkpoint every this many steps (and always at the end); each checkpoint "
-                                 "also keeps its vector as steering-step{N}.safetensors")
-    wandb_project: str = _opt("", "log the config and every step's metrics to this Weights & Biases project "
-                              "(needs `pip install wandb`; imported only when set)")
-    preset: str = _opt("", "start from a named set of defaults (flags given override them): quickstart (tiny "
-                       "random model, toy task, CPU, ~20 s), cpu-demo (a real 0.5B instruct model on generated "
-                       "arithmetic, CPU, ~15 min), cpu-gsm8k (the same model on GSM8K, CPU; see README), and the "
-                       "paper's setups: deepscaler-<model>[-lora|-full] (Table 1) and gsm8k-<model> / math-<model> "
-                       "(the GSM8K / MATH table), <model> one of qwen2.5-math-1.5b, qwen2.5-math-7b, qwen2.5-1.5b, "
-                       "qwen2.5-7b, qwen2.5-14b, llama3.1-8b, llama3.1-8b-instruct (README maps each to its row)")
-    # the toy task and the random-tiny model
-    toy_target: int = _opt(5, "toy task: the token id whose frequency in completions is the reward")
-    toy_prompts: int = _opt(2048, "toy task: number of random prompts")
-    toy_prompt_len: int = _opt(8, "toy task: prompt lengths are drawn from [len/2, len]")
-    tiny_vocab: int = _opt(64, "random-tiny model: vocabulary size")
-    tiny_dim: int = _opt(64, "random-tiny model: hidden size")
-    tiny_layers: int = _opt(2, "random-tiny model: layers")
-
-
-PRESETS = {
-    # The whole loop on 2 CPU cores in under a minute: the reward (the share of completion tokens
-    # that are token 5) climbs from ~0.03 to ~0.8 by step 10 and ~0.98 by step 30. Adam moves each
-    # coordinate by about lr per step, hence a learning rate far above the paper's 1e-3.
-    "quickstart": dict(model="random-tiny", task="toy", device="cpu", prompts_per_step=16, rollouts=8,
-                       max_new_tokens=16, max_len=32, max_prompt_len=16, lr=0.01, warmup=0.0, max_steps=30,
-                       checkpoint_every=10, dtype="float32"),
-    # A real instruct model gets better at a real (if easy) task on 2 CPU cores in ~15 minutes:
-    # generated arithmetic (data/arithmetic.py), 96-token answers, 16 prompts x 4 rollouts.
-    # Qwen2.5-Coder-0.5B-Instruct: see README for the measured curves and held-out accuracy.
-    "cpu-demo": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="math", dataset="arithmetic", device="cpu",
-                     prompts_per_step=16, rollouts=4, max_new_tokens=96, max_len=256, max_prompt_len=128,
-                     lr=5e-3, warmup=0.0, max_steps=8, checkpoint_every=1),
-    # GSM8K on 2 CPU cores: 8 prompts x 8 rollouts (a group of 8 leaves fewer all-wrong prompts without
-    # signal than 4 at a ~20 % base accuracy). The completion budget must not be shorter than the base
-    # model's own answers: measured with 256 tokens (base greedy answers average 292), RL rewarded
-    # brevity and GSM8K greedy fell from 26.5 to 8.5 % (README). 512 is the eval budget; ~2x the step time.
-    "cpu-gsm8k": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="math", dataset="gsm8k", device="cpu",
-                      prompts_per_step=8, rollouts=8, max_new_tokens=512, max_len=1024, max_prompt_len=512,
-                      lr=5e-3, warmup=0.0, max_steps=12, checkpoint_every=2),
-}
-
-# The paper's setups, from its official configs (configs/train/rl/<model>/deepscaler/*.yml of
-# corl-team/steering-reasoning). Shared by all: RLOO without KL, +-1 reward on the last box, 128
-# prompts per step (16 per GPU x 8), T = 1, AdamW, constant lr after 3 % warmup, grad norm clipped
-# at 2, the loss divided by the step's generated tokens (our --loss-norm token), 1 epoch of
-# DeepScaleR (40,315 problems: 314 steps), max_len = prompt + completion. Per model: hub id, max_len,
-# then per adapter (lr, rollouts per prompt, LoRA rank). LoRA is on down_proj with alpha = rank
-# (rank 1 where the paper's table used its lora-1 runs); the official LoRA for the non-Math Qwen2.5
-# models starts from PiSSA, which we do not implement (ours is PEFT's default init).
-PAPER_SETUPS = {
-    "qwen2.5-math-1.5b": ("Qwen/Qwen2.5-Math-1.5B", 4096, dict(steering=(1e-3, 16, 0), lora=(1e-4, 16, 4),
-                                                                full=(2e-6, 16, 0))),
-    "qwen2.5-math-7b": ("Qwen/Qwen2.5-Math-7B", 4096, dict(steering=(1e-3, 16, 0), lora=(1e-4, 16, 1),
-                                                            full=(1e-6, 16, 0))),
-    "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B", 8192, dict(steering=(1e-3, 64, 0), lora=(1e-4, 16, 4),
-                                                      full=(1e-6, 64, 0))),
-    "qwen2.5-7b": ("Qwen/Qwen2.5-7B", 8192, dict(steering=(1e-3, 16, 0), lora=(1e-4, 16, 4), full=(1e-6, 16, 0))),
-    "qwen2.5-14b": ("Qwen/Qwen2.5-14B", 8192, dict(steering=(5e-4, 16, 0), lora=(5e-4, 16, 4),
-                                                    full=(1e-6, 16, 0))),
-    "llama3.1-8b": ("meta-llama/Llama-3.1-8B", 8192, dict(steering=(3e-4, 64, 0), lora=(1e-4, 32, 4),
-                                                           full=(1e-6, 64, 0))),
-    "llama3.1-8b-instruct": ("meta-llama/Llama-3.1-8B-Instruct", 8192, dict(steering=(8e-5, 16, 0),
-                                                                             lora=(8e-5, 16, 1),
-                                                                             full=(1e-6, 16, 0))),
-}
-for _name, (_hub, _max_len, _adapters) in PAPER_SETUPS.items():
-    for _adapter, (_lr, _rollouts, _rank) in _adapters.items():
-        PRESETS[f"deepscaler-{_name}" + ("" if _adapter == "steering" else f"-{_adapter}")] = dict(
-            model=_hub, dataset="deepscaler", adapter=_adapter, lr=_lr, rollouts=_rollouts, max_len=_max_len,
-            prompts_per_step=128, epochs=1, checkpoint_every=53, **({"lora_rank": _rank} if _rank else {}))
-# The GSM8K / MATH table (the paper's v1): the official v1-era configs (configs/train/rl/<model>/{gsm8k,math})
-# train 3 epochs (Llama-3.1-8B: 2) at 1024 tokens in total; the Llama-3.1-8B-Instruct one steers layer
-# 16 alone. Those configs also add a KL term (0.01) and use a mean baseline, which we do not (RLOO, no
-# KL: the paper's final recipe). Only the steering setups with a published config are here.
-for _name, _dataset, _lr, _rollouts, _epochs, _layers in (
-        ("qwen2.5-math-1.5b", "gsm8k", 2e-3, 16, 3, ""), ("qwen2.5-math-1.5b", "math", 1e-3, 16, 3, ""),
-        ("qwen2.5-1.5b", "gsm8k", 5e-4, 64, 3, ""), ("llama3.1-8b", "gsm8k", 5e-4, 64, 2, ""),
-        ("llama3.1-8b-instruct", "gsm8k", 3e-4, 16, 3, "16")):
-    PRESETS[f"{_dataset}-{_name}"] = dict(model=PAPER_SETUPS[_name][0], dataset=_dataset, lr=_lr, rollouts=_rollouts,
-                                         epochs=_epochs, max_len=1024, max_prompt_len=512, prompts_per_step=128,
-                                         layers=_layers)
-
-
-def parse_args(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"]
-        if "default" not in text:
-            text += f" (default: {f.default!r})"
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
-        if f.type in (bool, bool | None):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            parser.add_argument(flag, type=type(f.default), **kw)
-    parser.add_argument("--quickstart", dest="preset", action="store_const", const="quickstart",
-                        default=argparse.SUPPRESS, help="same as --preset quickstart")
-    given = vars(parser.parse_args(argv))  # only the flags actually passed (defaults are SUPPRESSed)
-    if given.get("resume"):
-        others = sorted(k for k in given if k != "resume")
-        if others:
-            parser.error(f"--resume continues a run with its saved config.json; remove {others}")
-        return load_config(Path(given["resume"]) / "config.json", resume=given["resume"])
-    preset = given.get("preset", "")
-    if preset and preset not in PRESETS:
-        parser.error(f"--preset {preset!r} is unknown (known: {sorted(PRESETS)})")
-    return TrainConfig(**{**PRESETS.get(preset, {}), **given})
-
-
-def load_config(path: Path, resume: str) -> TrainConfig:
-    if not path.is_file():
-        raise SystemExit(f"--resume {resume}: {path} not found (not a run directory)")
-    raw = json.loads(path.read_text())
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise SystemExit(f"{path}: unknown config fields {unknown} (written by another version of train.py?)")
-    return TrainConfig(**{**raw, "resume": resume})
-
-
-def check_config(cfg: TrainConfig, world: int):
-    problems = []
-    if cfg.task not in TASKS:
-        problems.append(f"--task {cfg.task!r}: use one of {sorted(TASKS)}")
-    if cfg.rollouts < 2:
-        problems.append(f"--rollouts {cfg.rollouts}: RLOO needs at least 2 rollouts per prompt")
-    if cfg.prompts_per_step % world:
-        problems.append(f"--prompts-per-step {cfg.prompts_per_step} does not divide by the world size {world}")
-    if cfg.top_p != 1.0:
-        problems.append(f"--top-p {cfg.top_p}: the loss scores the full distribution, so rollouts drawn from "
-                        "a nucleus would make the update off-policy; train with --top-p 1")
-    if cfg.temperature <= 0:
-        problems.append(f"--temperature {cfg.temperature}: training samples, so it must be > 0")
-    if cfg.loss_norm not in rloo.NORMALIZATIONS:
-        problems.append(f"--loss-norm {cfg.loss_norm!r}: use one of {rloo.NORMALIZATIONS}")
-    if cfg.reward not in ("pm1", "01"):
-        problems.append(f"--reward {cfg.reward!r}: use pm1 or 01")
-    if cfg.dynamic_sampling < 0:
-        problems.append(f"--dynamic-sampling {cfg.dynamic_sampling}: extra rounds per step, >= 0")
-    if not (cfg.tis_cap == 0 or 1 <= cfg.tis_cap < math.inf):
-        problems.append(f"--tis-cap {cfg.tis_cap}: 0 (off) or a finite cap >= 1")
-    if cfg.max_prompt_len >= cfg.max_len:
-        problems.append(f"--max-prompt-len {cfg.max_prompt_len} leaves no room for a completion "
-                        f"in --max-len {cfg.max_len}")
-    if cfg.checkpoint_every < 1:
-        problems.append(f"--checkpoint-every {cfg.checkpoint_every}: must be >= 1")
-    if cfg.model == "random-tiny" and cfg.task != "toy":
-        problems.append("--model random-tiny has no tokenizer: use it with --task toy")
-    import data  # dataset names are checked here, before any model or data is loaded
-    if cfg.task == "math" and cfg.dataset not in data.NAMES:
-        problems.append(f"--dataset {cfg.dataset!r}: use one of {', '.join(data.NAMES)}")
-    if cfg.eval_every < 0 or cfg.eval_limit < 0 or cfg.eval_samples < 1 or cfg.eval_temperature < 0:
-        problems.append("--eval-every and --eval-limit must be >= 0, --eval-samples >= 1, --eval-temperature >= 0")
-    if cfg.eval_every and (cfg.task != "math" or cfg.eval_bench not in data.NAMES):
-        problems.append(f"--eval-every needs --task math and an --eval-bench among {', '.join(data.NAMES)} "
-                        f"(got --task {cfg.task}, --eval-bench {cfg.eval_bench!r})")
-    if cfg.adapter not in adapters.ADAPTERS:
-        problems.append(f"--adapter {cfg.adapter!r}: use one of {', '.join(adapters.ADAPTERS)}")
-    if cfg.steer_at not in adapters.STEER_AT:
-        problems.append(f"--steer-at {cfg.steer_at!r}: use one of {', '.join(adapters.STEER_AT)}")
-    if cfg.lora_rank < 1 or cfg.lora_alpha < 0:
-        problems.append(f"--lora-rank {cfg.lora_rank} / --lora-alpha {cfg.lora_alpha}: rank >= 1, alpha >= 0")
-    if cfg.adapter == "full" and cfg.layers:
-        problems.append("--layers: full fine-tuning trains every layer (leave --layers empty)")
-    if cfg.collective_timeout <= 0:
-        problems.append(f"--collective-timeout {cfg.collective_timeout}: must be > 0 seconds")
-    if problems:
-        raise SystemExit("config error: " + "; ".join(problems))
-
-# -----------------------------------------------------------------------------
-# Tasks: prompts as token ids, and the reward of their completions. A task is built by one
-# function in TASKS; adding a reward means adding one such function.
-
-
-@dataclass
-class Task:
-    prompts: list[list[int]]
-    answers: list[str] | None  # gold answers (math), hashed into the fingerprint; None when the reward needs none
-    stop_token_ids: list[int]
-    vocab_size: int | None  # the tokenizer's real vocabulary (the head's padding rows are never sampled)
-    skipped_prompts: int  # dropped at startup: longer than max_prompt_len
-    # (completions as token ids, the dataset index of each one's prompt) -> (rewards, correct as 1/0)
-    reward: Callable[[list[list[int]], list[int]], tuple[list[float], list[float]]]
-    close: Callable[[], None] = lambda: None  # frees what the reward holds (worker processes)
-    stats: Callable[[], dict] = dict  # running counters of the reward (math: the RewardPool's)
-
-    def fingerprint(self) -> str:
-        """Hash of the prompts (token ids) and answers: a resumed run must see the same data."""
-        return hashlib.sha256(json.dumps([self.prompts, self.answers]).encode()).hexdigest()[:16]
-
-
-def build_tiny_model(folder: Path, cfg: TrainConfig):
-    """Write a tiny random Llama checkpoint (config.json + model.safetensors) with model.py's own
-    classes, deterministic in cfg.seed. Embeddings are scaled down so the initial next-token
-    distribution is broad (every token has some probability): the toy reward then starts low
-    but non-zero, and a steering vector can raise it."""
-    from safetensors.torch import save_file
-    d = cfg.tiny_dim
-    raw = dict(model_type="llama", vocab_size=cfg.tiny_vocab, hidden_size=d, intermediate_size=2 * d,
-               num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
-               rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32")
-    torch.manual_seed(cfg.seed)
-    net = M.Transformer(M.Config.from_dict(raw))
-    with torch.no_grad():
-        net.embed_tokens.weight.mul_(0.15)  # logits = norm(h) . e: std ~ 0.15 sqrt(d) instead of sqrt(d)
-    tensors = {k: v.detach().contiguous() for k, v in net.base_weights().items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors.tmp"))
-    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
-    atomic_write_text(folder / "config.json", json.dumps(raw, indent=2))
-
-
-def toy_task(cfg: TrainConfig, model_path, is_main: bool) -> Task:
-    """Random prompts; reward = the share of completion tokens equal to --toy-target: smooth, so
-    learning shows at once. No tokenizer, no data."""
-    vocab_size = M.Config.from_json(M.resolve_checkpoint(model_path) / "config.json").vocab_size
-    if not 0 <= cfg.toy_target < vocab_size:
-        raise SystemExit(f"--toy-target {cfg.toy_target} is not a token id of this model (vocab {vocab_size})")
-    g = torch.Generator().manual_seed(cfg.seed)
-    lo, hi = max(1, cfg.toy_prompt_len // 2), cfg.toy_prompt_len
-    lengths = torch.randint(lo, hi + 1, (cfg.toy_prompts,), generator=g).tolist()
-    prompts = [torch.randint(0, vocab_size, (k,), generator=g).tolist() for k in lengths]
-
-    def reward(completions, prompt_indices):
-        rewards = [sum(t == cfg.toy_target for t in c) / max(1, len(c)) for c in completions]
-        return rewards, [float(r >= 0.5) for r in rewards]
-    return Task(prompts, None, [], vocab_size, 0, reward)
-
-
-def math_task(cfg: TrainConfig, model_path, is_main: bool, dataset: str = "", split: str = "train",
-              limit: int = 0) -> Task:
-    """Dataset problems in the model's chat template; reward = the last \\boxed{} checked against
-    the gold answer by math-verify (reward.RewardPool): +1 / -1 (--reward pm1) or 1 / 0. The
-    training set by default; --eval-every builds a second one from a benchmark's test split."""
-    import data
-    import reward
-    # the workers fork now, from a small process: before the model and CUDA take memory
-    pool = reward.RewardPool(workers=cfg.reward_workers or None, timeout=cfg.reward_timeout).start()
-    tok = data.Tokenizer.from_dir(cfg.tokenizer or M.resolve_checkpoint(model_path))
-    dataset = dataset or cfg.dataset
-    rows = data.load(dataset, split=split, data_dir=data.default_dir(cfg.data_dir))
-    rows = rows[:limit] if limit else rows
-    prompts, answers, skipped = [], [], 0
-    for row in rows:
-        tokens = tok.encode_prompt(row["problem"])
-        if len(tokens) > cfg.max_prompt_len:
-            skipped += 1
-            continue
-        prompts.append(tokens)
-        answers.append(row["answer"])
-    if not prompts:
-        raise SystemExit(f"{dataset} ({split}): no prompt fits --max-prompt-len {cfg.max_prompt_len}")
-    if is_main:
-        print(f"{dataset} ({split}): {len(prompts)} prompts, {skipped} skipped (longer than "
-              f"{cfg.max_prompt_len} tokens)")
-    wrong = -1.0 if cfg.reward == "pm1" else 0.0
-
-    def score(completions, prompt_indices):
-        texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
-        rewards = pool.score_batch(texts, [answers[i] for i in prompt_indices], correct=1.0, wrong=wrong)
-        return rewards, [float(r == 1.0) for r in rewards]
-    return Task(prompts, answers, tok.stop_token_ids, tok.vocab_size, skipped, score, pool.close,
-                lambda: dict(pool.stats))
-
-
-TASKS = {"math": math_task, "toy": toy_task}
+from train_config import TrainConfig, check_config, parse_args
 
 # -----------------------------------------------------------------------------
 # Data order: one seeded permutation per epoch; step s reads positions [o, o + P) of epoch e.
@@ -444,7 +78,7 @@ def sample(sampler, task: Task, cfg: TrainConfig, step: int, prompt_indices: lis
     CPU; on GPU up to float rounding, which batch composition changes). Each prompt has its own
     budget: max_len - its length, or max_new_tokens when that is smaller."""
     prompts = [task.prompts[i] for i in prompt_indices]
-    budgets = [min(cfg.max_new_tokens or cfg.max_len, cfg.max_len - len(p)) for p in prompts]
+    budgets = [completion_budget(len(p), cfg.max_new_tokens, cfg.max_len) for p in prompts]
     groups = sampler.generate(prompts, n=cfg.rollouts, max_new_tokens=budgets, temperature=cfg.temperature,
                               top_p=cfg.top_p, stop_token_ids=task.stop_token_ids,
                               seed=(cfg.seed << 32) + step, prompt_offset=rank_offset)
@@ -686,126 +320,6 @@ def ranks_divergence(model) -> float:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: everything needed to continue exactly, in one file renamed into place.
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, epoch: int, offset: int,
-                    skipped_steps: int, data_fingerprint: str, snapshot=None):
-    """The adapter file: {kind}-step{N}.safetensors (the history: a few KB each for steering) and
-    {kind}.safetensors (the latest, the file eval.py reads; full fine-tuning: the folder full/, no
-    history: each would be a whole model), then checkpoint.pt: the checkpoint is the commit point,
-    and resuming reads nothing else. A full or unwritable disk stops the run with the path named;
-    every file is renamed into place only once complete, so the previous checkpoint stays intact.
-    With a `snapshot` (StopSignals) the trainable state comes from that CPU copy, not the live model:
-    nothing here then touches the device."""
-    kind = model.adapter.kind
-    if snapshot is not None:
-        names = [name for name, _ in model.adapter.named_parameters()]  # steering / LoRA: trainable() order
-        tensors, trainable, optimizer_state = dict(zip(names, snapshot.trainable)), snapshot.trainable, snapshot.optimizer
-    else:
-        tensors, optimizer_state = None, optimizer.state_dict()
-        trainable = [p.detach().cpu().clone() for p in model.trainable_parameters()]
-    target = run_dir / "checkpoint.pt"
-    try:
-        names = ["full"] if kind == "full" else [f"{kind}-step{step}.safetensors", f"{kind}.safetensors"]
-        for name in names:
-            target = run_dir / name
-            model.save_adapter(target, tensors, step=step, task=cfg.task, dataset=cfg.dataset)
-        state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps, data=data_fingerprint,
-                     trainable=trainable, optimizer=optimizer_state, config=asdict(cfg))
-        tmp = run_dir / "checkpoint.pt.tmp"
-        target = tmp
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, run_dir / "checkpoint.pt")
-    except OSError as e:
-        for leftover in run_dir.glob("*.tmp"):
-            leftover.unlink(missing_ok=True)
-        raise SystemExit(f"checkpoint of step {step} could not be written to {getattr(e, 'filename', None) or target} "
-                         f"({e.strerror or e}); the previous checkpoint in {run_dir} is intact: free space or fix "
-                         "permissions, then re-run the same command to continue from it") from None
-
-
-def load_checkpoint(run_dir: Path) -> dict | None:
-    path = run_dir / "checkpoint.pt"  # a leftover checkpoint.pt.tmp is an interrupted write: ignored
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-
-
-RUN_DIR_FIELDS = ("out_dir", "resume")  # where a run lives, not what it computes
-
-
-def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    """The fields (other than the run directory's) on which a saved config.json and `cfg` differ."""
-    mine = asdict(cfg)
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (saved) != {mine[k]!r} (given)"
-            for k in mine if k not in RUN_DIR_FIELDS and saved.get(k) != mine[k]]
-
-
-def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, dict | None]:
-    """Rank 0: the run directory and the checkpoint to continue from, if any. A directory that
-    holds a run of the same config continues it (a re-run of the same command, a torchrun restart,
-    a scheduler requeue); one that holds anything else is refused. metrics.jsonl is cut back to
-    the checkpoint's step, so the lines a killed run wrote after its last checkpoint are replaced,
-    not duplicated."""
-    run_dir = Path(cfg.resume or cfg.out_dir or default_run_dir(cfg))
-    config_file = run_dir / "config.json"
-    if not cfg.resume and config_file.is_file():
-        try:
-            saved = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{config_file}: not valid JSON ({e}); choose another --out-dir") from None
-        differ = config_differences(saved, cfg)
-        if differ and (run_dir / "checkpoint.pt").is_file():
-            raise SystemExit(f"run directory {run_dir} holds a run with another config ({'; '.join(differ)}): "
-                             "re-run it with its own flags (or --resume it), or choose another --out-dir")
-        if differ:  # no checkpoint, nothing to protect: a run that failed at startup, started again fixed
-            print(f"{run_dir}: no checkpoint yet; starting it again with the new config ({'; '.join(differ)})")
-            config_file.unlink()
-    elif not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise SystemExit(f"run directory {run_dir} exists, is not empty and holds no config.json: "
-                         "choose another --out-dir")
-    cfg.out_dir = str(run_dir)
-    if not config_file.is_file():  # a new run
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        atomic_write_text(config_file, json.dumps(asdict(cfg), indent=2))
-        return run_dir, None
-    state = load_checkpoint(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        kept = [ln for ln in metrics.read_text().splitlines() if state and metrics_step(ln) <= state["step"]]
-        atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
-    return run_dir, state
-
-
-def metrics_step(line: str) -> float:
-    """The step of a metrics.jsonl line; a torn last line (a crash mid-write) counts as past every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def default_run_dir(cfg: TrainConfig) -> str:
-    """runs/<task>-<time>; under torchrun the elastic run id instead of the time, so that a torchrun
-    restart (--max-restarts) finds the directory it began."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    return f"runs/{cfg.task}-{run_id if run_id != 'none' else time.strftime('%Y%m%d-%H%M%S')}"
-
-# -----------------------------------------------------------------------------
 # Setup: run directory, task, model, optimizer, sampler; then one RL step as one function.
 
 
@@ -852,8 +366,7 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
             build_tiny_model(model_path, cfg)
         dist.barrier()  # (several nodes need the run directory on a shared filesystem here)
     task = TASKS[cfg.task](cfg, model_path, c.is_main)  # before the model: reward workers fork small
-    eval_task = (math_task(cfg, model_path, c.is_main, cfg.eval_bench, "test", cfg.eval_limit)
-                 if cfg.eval_every else None)
+    evals = eval_task(cfg, model_path, c.is_main) if cfg.eval_every else None
     # everything that can be checked without the model is checked before it loads
     P = cfg.prompts_per_step
     steps_per_epoch = len(task.prompts) // P
@@ -869,7 +382,7 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
         if (state["epoch"], state["offset"]) != step_position(start, steps_per_epoch, P):
             raise SystemExit(f"{run_dir}/checkpoint.pt: data position {(state['epoch'], state['offset'])} does not "
                              f"match step {start} (the dataset changed since the run began?)")
-    all_prompts = task.prompts + (eval_task.prompts if eval_task else [])
+    all_prompts = task.prompts + (evals.prompts if evals else [])
     longest = min(cfg.max_len, max(map(len, all_prompts)) + (cfg.max_new_tokens or cfg.max_len))
     if cfg.kv_cache_tokens and cfg.kv_cache_tokens < longest:  # (the memory plan checks the rest)
         raise SystemExit(f"--kv-cache-tokens {cfg.kv_cache_tokens} cannot hold one sequence of {longest} tokens "
@@ -898,7 +411,7 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
     if c.is_main:
         print(f"{model_path}: {dtype}, adapter {cfg.adapter} ({model.num_trainable():,} trainable numbers)")
         print(plan.summary())
-        atomic_write_text(run_dir / "memory_plan.json", plan.to_json())
+        write_text(run_dir / "memory_plan.json", plan.to_json())
     model.reset_grads()  # the flat gradient buffer exists from here on (metrics and collectives read it)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
@@ -914,7 +427,7 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
 
     sampler = Sampler(model, kv_cache_tokens=plan.kv_cache_tokens, vocab_size=task.vocab_size, max_seq_len=longest)
     return Run(cfg, c, run_dir, task, model, optimizer, sampler, steps_per_epoch, total_steps,
-               math.ceil(cfg.warmup * total_steps), start, skipped_steps, plan.micro_batch_tokens, eval_task)
+               math.ceil(cfg.warmup * total_steps), start, skipped_steps, plan.micro_batch_tokens, evals)
 
 
 def rl_step(run: Run, step: int) -> dict:
@@ -990,23 +503,15 @@ def rl_step(run: Run, step: int) -> dict:
 
 def evaluate(run: Run) -> dict:
     """--eval-every: the benchmark's problems on the live model with the training sampler (no
-    reload, no copy: the vector being trained is the one evaluated). Ranks take contiguous shares
-    of the problems (prompt_offset keeps the draws independent of the world size) and add up."""
+    reload, no copy: the vector being trained is the one evaluated), scored by the Task's own
+    evaluate, as eval.py scores it, and summed over ranks."""
     cfg, c, task = run.cfg, run.cluster, run.eval_task
     t0 = time.perf_counter()
-    share = math.ceil(len(task.prompts) / c.world)
-    indices = list(range(len(task.prompts)))[c.rank * share:][:share]
-    prompts = [task.prompts[i] for i in indices]
-    budgets = [min(cfg.max_new_tokens or cfg.max_len, cfg.max_len - len(p)) for p in prompts]
-    groups = run.sampler.generate(prompts, n=cfg.eval_samples, max_new_tokens=budgets,
-                                  temperature=cfg.eval_temperature, stop_token_ids=task.stop_token_ids,
-                                  seed=cfg.seed, prompt_offset=c.rank * share) if prompts else []
-    flat = [comp for group in groups for comp in group]
-    owners = [i for i in indices for _ in range(cfg.eval_samples)]
-    _, correct = task.reward([comp.tokens for comp in flat], owners) if flat else ([], [])
+    done = task.evaluate(run.sampler, samples=cfg.eval_samples, temperature=cfg.eval_temperature, seed=cfg.seed,
+                         max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, rank=c.rank, world=c.world)
     sums, _ = cluster.reduce_metrics(
-        dict(correct=sum(correct), samples=len(flat), tokens=sum(len(comp.tokens) for comp in flat),
-             truncated=sum(comp.finish_reason == "length" for comp in flat)), {}, c.device)
+        dict(correct=sum(s.correct for s in done), samples=len(done), tokens=sum(len(s.tokens) for s in done),
+             truncated=sum(s.finish_reason == "length" for s in done)), {}, c.device)
     n = max(sums["samples"], 1.0)
     return dict(eval_bench=cfg.eval_bench, eval_problems=len(task.prompts), eval_accuracy=sums["correct"] / n,
                 eval_len_mean=sums["tokens"] / n, eval_truncated_frac=sums["truncated"] / n,
@@ -1034,143 +539,20 @@ def log_line(m: dict) -> str:
             f"{m['tokens_per_s']:.0f} tok/s" + (" SKIPPED" if m["skipped"] else ""))
 
 # -----------------------------------------------------------------------------
-# Stopping: SIGTERM (schedulers before pre-emption, torchrun when a peer failed) and SIGINT
-# (Ctrl-C) end the run in a checkpoint of its last completed step.
-
-
-@dataclass
-class Snapshot:
-    """The trainable state as of a completed step, on the CPU (what a signal's checkpoint writes)."""
-    step: int
-    trainable: list  # CPU copies, in model.trainable_parameters() order
-    optimizer: dict  # AdamW's state_dict with CPU tensors
-    skipped_steps: int
-
-
-def to_cpu(obj):
-    """A copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-class StopSignals:
-    """At the start of every step the trainable state (the vector and AdamW's moments: a few
-    hundred KB for steering) is copied to the CPU. A signal then writes the checkpoint of the last
-    completed step from that copy at once, without waiting for the step in flight (its sampling
-    may take minutes), and exits 128 + signal: re-running the same command continues from there,
-    exactly as if never stopped. Every rank gets the signal (torchrun forwards it; schedulers
-    signal the whole job) and they all hold the same state, so rank 0 writes and all exit.
-
-    The writing happens on a watcher thread woken through signal.set_wakeup_fd, not in a Python
-    signal handler: those run only when the main thread returns to the interpreter, and the main
-    thread may be blocked for minutes inside a collective (waiting for a peer that already exited)
-    or a CUDA sync. The watcher touches no device memory (the copy is on the CPU), so a stuck
-    stream cannot stall it. A checkpoint being written when the signal comes is finished first
-    (one lock).
-
-    Full fine-tuning is too big to copy every step (3x the model in fp32): there the signal is
-    noted, the step in flight completes, and all ranks agree (one all-reduce per step) to
-    checkpoint it and exit."""
-    SNAPSHOT_LIMIT = 1 << 26  # trainable numbers up to which a per-step copy is cheap (steering, LoRA)
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.snapshot: Snapshot | None = None
-        self.saved_step = run.start  # the step the checkpoint on disk holds
-        self.lock = threading.Lock()  # held while a checkpoint is written
-        self.requested = 0  # deferred mode: the signal that came
-        self.deferred = run.model.num_trainable() > self.SNAPSHOT_LIMIT
-        self.wake_read, wake_write = socket.socketpair()
-        wake_write.setblocking(False)
-        signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
-        self.wake_write = wake_write  # (kept alive: its descriptor is the wakeup fd)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: None)  # the watcher acts; the interpreter must not die
-        threading.Thread(target=self.watch, name="stop-signals", daemon=True).start()
-
-    def take_snapshot(self, step: int):
-        run = self.run
-        if not self.deferred:
-            self.snapshot = Snapshot(step, [to_cpu(p) for p in run.model.trainable_parameters()],
-                                     to_cpu(run.optimizer.state_dict()), run.skipped_steps)
-
-    def watch(self):
-        while True:
-            signum = self.wake_read.recv(1)[0]
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                break
-        if self.deferred:
-            self.requested = signum  # stop_after, on the main thread, does the rest
-        else:
-            self.exit(signum)
-
-    def stop_after(self, step: int):
-        """Deferred mode, after each step: if any rank got a signal, checkpoint `step` and exit."""
-        if not self.deferred:
-            return
-        flag = torch.tensor([float(self.requested)], device=self.run.model.grad_buffer.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            if self.saved_step != step:
-                self.checkpoint(step)
-            self.exit(int(flag.item()))
-
-    def checkpoint(self, step: int):
-        """The regular checkpoint after `step` completed steps (rank 0 writes, every rank waits)."""
-        run = self.run
-        with self.lock:
-            if run.cluster.is_main:
-                save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, step,
-                                *step_position(step, run.steps_per_epoch, run.cfg.prompts_per_step),
-                                run.skipped_steps, run.task.fingerprint())
-            self.saved_step = step
-        dist.barrier()  # nobody runs ahead of a checkpoint that may still be written
-
-    def exit(self, signum: int):
-        run, name = self.run, signal.Signals(signum).name
-        with self.lock:  # a checkpoint in progress is completed first
-            snap = self.snapshot
-            if run.cluster.is_main and snap is not None and snap.step > self.saved_step:
-                save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, snap.step,
-                                *step_position(snap.step, run.steps_per_epoch, run.cfg.prompts_per_step),
-                                snap.skipped_steps, run.task.fingerprint(), snapshot=snap)
-                self.saved_step = snap.step
-            if run.cluster.is_main:
-                print(f"{name}: stopped; {run.run_dir}/checkpoint.pt holds step {self.saved_step}: re-run the "
-                      "same command to continue", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(128 + signum)  # not SystemExit: peers and gloo threads may be mid-collective
-
-
-class Tracker:
-    """--wandb-project: the config once, then every step's numbers (rank 0 only)."""
-
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
-        import wandb  # optional: only when asked for
-        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]  # a resumed run logs on
-        self.run = wandb.init(project=cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow",
-                              config=asdict(cfg), dir=str(run_dir))
-
-    def log(self, m: dict):
-        numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        numbers.update({f"steering_norm/{i}": v for i, v in enumerate(m.get("steering_norm", []))})
-        self.run.log(numbers, step=m["step"])
-
-    def close(self):
-        self.run.finish()
-
-
-# -----------------------------------------------------------------------------
 # The loop
 
 
+def save(run: Run, step: int, snapshot=None):
+    """Rank 0: the checkpoint after `step` completed steps, from the live state or a StopSignals
+    snapshot of it (a CPU copy)."""
+    skipped = snapshot.skipped_steps if snapshot is not None else run.skipped_steps
+    save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, step,
+                    *step_position(step, run.steps_per_epoch, run.cfg.prompts_per_step), skipped,
+                    run.task.fingerprint(), snapshot=snapshot)
+
+
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, __doc__)
     c = cluster.init(cfg.device, cfg.collective_timeout)
     if c.device.type == "cpu":
         memory.return_freed_host_memory()  # what the memory plan assumes (see there)
@@ -1187,22 +569,10 @@ def main(argv=None):
         run.task.close()
         cluster.close()
         return
-    stops = StopSignals(run)
-    tracker = Tracker(cfg, run.run_dir) if cfg.wandb_project and c.is_main else None
-    metrics_file = open(run.run_dir / "metrics.jsonl", "a") if c.is_main else None
-
-    def record(m: dict):
-        if c.is_main:
-            metrics_file.write(json.dumps(m) + "\n")
-            metrics_file.flush()
-            if tracker:
-                tracker.log(m)
-
+    stops = StopSignals(run, functools.partial(save, run))
+    log = RunLog(cfg, run.run_dir, c.is_main, run.start, run.total_steps, log_line)
     if cfg.eval_every and run.start == 0:  # the base model's score: where the curve starts
-        record(dict(step=0, **evaluate(run)))
-    # a bar on a terminal; on a log file (not a tty) one plain line per step
-    bar = tqdm(total=run.total_steps, initial=run.start, unit="step", file=sys.stdout,
-               disable=not (c.is_main and sys.stdout.isatty()))
+        log.record(dict(step=0, **evaluate(run)))
     for step in range(run.start, run.total_steps):
         stops.take_snapshot(step)
         m = rl_step(run, step)
@@ -1212,21 +582,13 @@ def main(argv=None):
         m["rank_divergence"] = ranks_divergence(run.model) if checkpoint_now else None
         if m["rank_divergence"]:  # the same value on every rank (all-reduced): all stop together
             raise RuntimeError(f"step {step + 1}: the ranks' adapters differ by up to {m['rank_divergence']}")
-        record(m)
-        if c.is_main:
-            if bar.disable:
-                print(f"[{step + 1}/{run.total_steps}] " + log_line(m), flush=True)
-            else:
-                bar.set_postfix_str(log_line(m).split(" ", 2)[2], refresh=False)
-                bar.update(1)
+        log.record(m)
+        log.show(m)
         if checkpoint_now:
             stops.checkpoint(step + 1)
         stops.stop_after(step + 1)
-    bar.close()
+    log.close()
     if c.is_main:
-        metrics_file.close()
-        if tracker:
-            tracker.close()
         kind = run.model.adapter.kind
         print(f"done: {run.run_dir}/{'full' if kind == 'full' else kind + '.safetensors'}")
     run.task.close()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval as ev
+from rl_task import Task, completion_budget
 from conftest import DATA_DIR
 import model as M
 
@@ -49,6 +50,7 @@ def test_mean_std_is_the_sample_std_or_the_papers_population_std():
 class FakeCompletion:
     tokens: list
     finish_reason: str = "stop"
+    logprobs: list = None
 
 
 class FakeTokenizer:
@@ -67,8 +69,9 @@ class FakeSampler:
     def __init__(self, pattern):
         self.pattern, self.calls, self.requests = pattern, {}, []
 
-    def generate(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed):
-        self.requests.append(dict(n=n, temperature=temperature, stop=list(stop_token_ids), seed=seed))
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_offset):
+        self.requests.append(dict(n=n, temperature=temperature, stop=list(stop_token_ids), seed=seed,
+                                  offset=prompt_offset))
         out = []
         for (p,) in prompts:
             i = self.calls.get(p, 0)
@@ -81,6 +84,19 @@ class FakeSampler:
 
 def fake_grade(texts, answers):
     return [float(t.endswith(f"\\boxed{{{a}}}")) for t, a in zip(texts, answers)]
+
+
+def fake_tasks(benches) -> dict:
+    """rl_task.Task objects over the fake benchmarks, graded by fake_grade (what math_task builds)."""
+    tok = FakeTokenizer()
+    tasks = {}
+    for name, rows in benches.items():
+        def score(completions, owners, rows=rows):
+            ok = fake_grade([tok.decode(c) for c in completions], [rows[i]["answer"] for i in owners])
+            return ok, ok
+        tasks[name] = Task(name, [tok.encode_prompt(r["problem"]) for r in rows], [r["answer"] for r in rows],
+                           tok.stop_token_ids, None, 0, score, rows=rows, decode=tok.decode)
+    return tasks
 
 
 PATTERN = {0: [[1, 0], [0, 0]],  # seed 0: 1/2, seed 1: 0
@@ -99,11 +115,12 @@ def test_core_metrics_end_to_end_with_fakes():
     setup = ev.make_setups(replace(cfg, base=False, steering=__file__))[0]
     assert setup.seeds == [0, 1] and setup.temperature == 1.0
     sampler = FakeSampler(PATTERN)
-    records = ev.evaluate_setup(sampler, FakeTokenizer(), setup, BENCHES, cfg, fake_grade)
+    records = ev.evaluate_setup(sampler, setup, fake_tasks(BENCHES), cfg)
     assert len(records) == (2 + 1) * 2 * 2  # problems x seeds x samples
     assert sorted({r["extracted"] for r in records}) == ["3", "7"]  # reward.extract_boxed on the decoded text
     assert {req["stop"][0] for req in sampler.requests} == {99}
-    assert len({req["seed"] for req in sampler.requests}) == len(sampler.requests)  # every call its own stream
+    # every problem its own random stream: (seed, its index) differ between calls, per benchmark
+    assert len({(req["seed"], req["offset"]) for req in sampler.requests}) == len(sampler.requests)
 
     results = ev.summarize(records, [setup.name], ["b1", "b2"])[setup.name]
     b1, b2 = results["benchmarks"]["b1"], results["benchmarks"]["b2"]
@@ -127,8 +144,8 @@ def test_core_metrics_end_to_end_with_fakes():
 def test_ranks_split_problems_and_agree_with_one_process():
     cfg = sampled_cfg()
     setup = ev.Setup("s", "s", 1.0, [0, 1])
-    single = ev.evaluate_setup(FakeSampler(PATTERN), FakeTokenizer(), setup, BENCHES, cfg, fake_grade)
-    parts = [ev.evaluate_setup(FakeSampler(PATTERN), FakeTokenizer(), setup, BENCHES, cfg, fake_grade, rank, 2)
+    single = ev.evaluate_setup(FakeSampler(PATTERN), setup, fake_tasks(BENCHES), cfg)
+    parts = [ev.evaluate_setup(FakeSampler(PATTERN), setup, fake_tasks(BENCHES), cfg, rank, 2)
              for rank in range(2)]
     assert {r["index"] for r in parts[0]} == {0} and {r["id"] for r in parts[1]} == {"a/1"}
     merged = parts[0] + parts[1]
@@ -140,7 +157,7 @@ def test_greedy_runs_once_with_one_sample():
     setup = ev.make_setups(cfg)[0]
     assert setup.name == "base" and setup.seeds == [0]
     sampler = FakeSampler({0: [[1]], 1: [[0]], 2: [[1]]})
-    records = ev.evaluate_setup(sampler, FakeTokenizer(), setup, BENCHES, cfg, fake_grade)
+    records = ev.evaluate_setup(sampler, setup, fake_tasks(BENCHES), cfg)
     assert [req["n"] for req in sampler.requests] == [1, 1] and {req["temperature"] for req in sampler.requests} == {0}
     results = ev.summarize(records, ["base"], ["b1", "b2"])["base"]
     assert results["benchmarks"]["b1"] == dict(metric="pass@1", problems=2, seeds=[0], per_seed=[50.0],
@@ -194,17 +211,22 @@ def test_run_directories_and_their_checkpoints(tmp_path):
     assert ev.best_checkpoints(results, setups) == {str(run): str(run / "steering-step4.safetensors")}
 
 
+def budgets(cfg, prompts):
+    """rl_task.completion_budget under eval.py's resolved lengths, as Task.evaluate applies it."""
+    return [completion_budget(len(p), cfg.max_new_tokens or 4096, cfg.max_len) for p in prompts]
+
+
 def test_length_caps_follow_the_context_and_the_paper():
     plain = ev.apply_protocol(ev.EvalConfig(model="m"))
     assert (ev.resolve_lengths(plain, 4096).max_len, ev.resolve_lengths(plain, 4096).max_new_tokens) == (4096, 4096)
-    assert ev.completion_budgets(ev.resolve_lengths(plain, 4096), [[1] * 600, [1] * 10]) == [3496, 4086]
+    assert budgets(ev.resolve_lengths(plain, 4096), [[1] * 600, [1] * 10]) == [3496, 4086]
     paper = ev.apply_protocol(ev.EvalConfig(model="m", protocol="paper"))
     assert ev.resolve_lengths(paper, 4096).max_len == 4096  # Qwen2.5-Math: its 4K context
     assert ev.resolve_lengths(paper, 131072).max_len == 32768  # Llama-3.1: the paper's 32K cap
     capped = ev.resolve_lengths(paper, 131072)
-    assert ev.completion_budgets(capped, [[1] * 768]) == [32768 - 768]
+    assert budgets(capped, [[1] * 768]) == [32768 - 768]
     small = ev.resolve_lengths(ev.apply_protocol(ev.EvalConfig(model="m", max_new_tokens=100, max_len=512)), 4096)
-    assert ev.completion_budgets(small, [[1] * 500, [1] * 20, [1] * 600]) == [12, 100, 0]
+    assert budgets(small, [[1] * 500, [1] * 20, [1] * 600]) == [12, 100, 0]
     with pytest.raises(ValueError, match="beyond the model's context of 4096"):
         ev.resolve_lengths(ev.apply_protocol(ev.EvalConfig(model="m", max_len=8192)), 4096)
 

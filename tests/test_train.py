@@ -346,7 +346,8 @@ class Table:
 @needs_math_verify
 def test_eval_during_training_equals_eval_py_and_is_tracked(tmp_path, tiny_with_tokenizer):
     """--eval-every scores the live model with the training sampler; its numbers equal eval.py's on
-    the saved vectors (same greedy completions), and --wandb-project gets every metrics line. The
+    the saved vectors, sampled at T = 1 (one Task.evaluate: the same problems, seeds and draws), and
+    --wandb-project gets every metrics line. The
     tracker is a stand-in module (wandb itself is not a dependency here): what train.py hands it
     is recorded and checked."""
     import eval as ev
@@ -360,8 +361,8 @@ def test_eval_during_training_equals_eval_py_and_is_tracked(tmp_path, tiny_with_
     args = ["--model", str(tiny_with_tokenizer), "--task", "math", "--dataset", "arithmetic", "--data-dir",
             str(DATA_DIR), "--prompts-per-step", "4", "--rollouts", "2", "--max-new-tokens", "8", "--max-len", "256",
             "--max-prompt-len", "200", "--max-steps", "2", "--lr", "0.5", "--eval-every", "2", "--eval-bench",
-            "arithmetic", "--eval-limit", "6", "--dtype", "float32", "--device", "cpu", "--reward-workers", "1",
-            "--wandb-project", "steer-test", "--out-dir", str(run_dir)]
+            "arithmetic", "--eval-limit", "6", "--eval-samples", "2", "--eval-temperature", "1", "--dtype", "float32",
+            "--device", "cpu", "--reward-workers", "1", "--wandb-project", "steer-test", "--out-dir", str(run_dir)]
     check(subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=env))
     rows = metrics(run_dir)
@@ -370,14 +371,14 @@ def test_eval_during_training_equals_eval_py_and_is_tracked(tmp_path, tiny_with_
     for row, steering_file in ((rows[0], None), (rows[2], run_dir / "steering-step2.safetensors")):
         out = tmp_path / f"eval{row['step']}"
         ev.main(["--model", str(tiny_with_tokenizer), "--bench", "arithmetic", "--limit", "6", "--max-new-tokens",
-                 "8", "--temperature", "0", "--dtype", "float32", "--device", "cpu", "--data-dir", str(DATA_DIR),
-                 "--grade-workers", "1", "--out", str(out)]
+                 "8", "--max-len", "256", "--temperature", "1", "--samples", "2", "--seeds", "1", "--dtype", "float32",
+                 "--device", "cpu", "--data-dir", str(DATA_DIR), "--grade-workers", "1", "--out", str(out)]
                 + (["--no-base", "--steering", str(steering_file)] if steering_file else []))
         samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-        assert row["eval_problems"] == len(samples) == 6
-        assert row["eval_len_mean"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 6)
-        assert row["eval_accuracy"] == pytest.approx(sum(s["reward"] for s in samples) / 6)
-        assert row["eval_truncated_frac"] == pytest.approx(sum(s["finish_reason"] == "length" for s in samples) / 6)
+        assert row["eval_problems"] == 6 and len(samples) == 12  # sampled at T = 1: the same draws in both
+        assert row["eval_len_mean"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 12)
+        assert row["eval_accuracy"] == pytest.approx(sum(s["reward"] for s in samples) / 12)
+        assert row["eval_truncated_frac"] == pytest.approx(sum(s["finish_reason"] == "length" for s in samples) / 12)
 
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert calls[0]["kind"] == "init" and calls[0]["project"] == "steer-test"
@@ -390,15 +391,17 @@ def test_eval_during_training_equals_eval_py_and_is_tracked(tmp_path, tiny_with_
 
 @needs_math_verify
 def test_evaluate_reads_the_live_vector(tmp_path, tiny_with_tokenizer, train_module):
-    """train.evaluate on the live model with a random vector equals eval.py on that vector saved:
-    the evaluation shares the trained tensors (no reload, no copy)."""
+    """train.evaluate on the live model with a random vector equals eval.py on that vector saved,
+    sample for sample at T = 1: one Task.evaluate, and the evaluation shares the trained tensors
+    (no reload, no copy)."""
     import cluster
     import eval as ev
     from conftest import DATA_DIR
     cfg = train_module.TrainConfig(model=str(tiny_with_tokenizer), dataset="arithmetic", data_dir=str(DATA_DIR),
                                    prompts_per_step=4, rollouts=2, max_new_tokens=8, max_len=256, max_prompt_len=200,
-                                   eval_every=1, eval_bench="arithmetic", eval_limit=5, dtype="float32",
-                                   device="cpu", reward_workers=1, out_dir=str(tmp_path / "run"))
+                                   eval_every=1, eval_bench="arithmetic", eval_limit=5, eval_samples=2,
+                                   eval_temperature=1.0, seed=3, dtype="float32", device="cpu", reward_workers=1,
+                                   out_dir=str(tmp_path / "run"))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     run = train_module.setup(cfg, cluster.Cluster(0, 1, torch.device("cpu")))
     seen, score = [], run.eval_task.reward  # what evaluate() generated, on its way to the reward
@@ -416,15 +419,18 @@ def test_evaluate_reads_the_live_vector(tmp_path, tiny_with_tokenizer, train_mod
         dist.destroy_process_group()  # eval.py makes its own
     assert seen[0] != seen[1] and base["eval_problems"] == 5  # the live vector changed the completions
     ev.main(["--model", str(tiny_with_tokenizer), "--bench", "arithmetic", "--limit", "5", "--max-new-tokens", "8",
-             "--temperature", "0", "--dtype", "float32", "--device", "cpu", "--data-dir", str(DATA_DIR),
+             "--max-len", "256", "--temperature", "1", "--samples", "2", "--seeds", "1", "--seed", "3",
+             "--batch-prompts", "2", "--dtype", "float32", "--device", "cpu", "--data-dir", str(DATA_DIR),
              "--grade-workers", "1", "--no-base", "--steering", str(tmp_path / "v.safetensors"),
              "--out", str(tmp_path / "eval")])
     samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
     import data
     tok = data.Tokenizer.from_dir(tiny_with_tokenizer)
+    # the same sampled completions (T = 1, 2 samples, seed 3), although eval.py asks in calls of 2 problems
     assert [tok.decode(c, skip_special_tokens=True) for c in seen[1]] == [s["completion"] for s in samples]
-    assert steered["eval_len_mean"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 5)
-    assert steered["eval_truncated_frac"] == pytest.approx(sum(s["finish_reason"] == "length" for s in samples) / 5)
+    assert steered["eval_accuracy"] == pytest.approx(sum(s["reward"] for s in samples) / 10)
+    assert steered["eval_len_mean"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 10)
+    assert steered["eval_truncated_frac"] == pytest.approx(sum(s["finish_reason"] == "length" for s in samples) / 10)
 
 
 # -----------------------------------------------------------------------------
@@ -626,7 +632,7 @@ def parity_run(train, rounds, size=100, odd=True):
     def reward(completions, owners):
         rewards = [float(c[1] % 2) if i % 2 and odd else 1.0 for c, i in zip(completions, owners)]
         return rewards, rewards
-    task = train.Task(prompts=[[i] for i in range(size)], answers=None, stop_token_ids=[], vocab_size=None,
+    task = train.Task(name="parity", prompts=[[i] for i in range(size)], answers=None, stop_token_ids=[], vocab_size=None,
                       skipped_prompts=0, reward=reward)
     cfg = train.TrainConfig(task="toy", rollouts=4, prompts_per_step=4, dynamic_sampling=rounds)
     return SimpleNamespace(cfg=cfg, cluster=SimpleNamespace(rank=0), task=task, sampler=ParitySampler())

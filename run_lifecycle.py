@@ -1,0 +1,329 @@
+"""The life of a training run around the method: its directory (config.json, metrics.jsonl,
+checkpoints), resuming by re-running the same command, stopping cleanly on SIGTERM / Ctrl-C,
+and the metrics log (W&B optional). train.py holds the method; this file holds what keeps a run
+alive on a real cluster.
+
+Every file is written to a temporary name and renamed (model.atomic_write), so a crash never
+leaves a half-written one; checkpoint.pt is written last and is the commit point.
+"""
+import copy
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import model as M
+
+# -----------------------------------------------------------------------------
+# The run directory
+
+
+def build_tiny_model(folder: Path, cfg):
+    """Write a tiny random Llama checkpoint (config.json + model.safetensors) with model.py's own
+    classes, deterministic in cfg.seed. Embeddings are scaled down so the initial next-token
+    distribution is broad (every token has some probability): the toy reward then starts low
+    but non-zero, and a steering vector can raise it."""
+    from safetensors.torch import save_file
+    d = cfg.tiny_dim
+    raw = dict(model_type="llama", vocab_size=cfg.tiny_vocab, hidden_size=d, intermediate_size=2 * d,
+               num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
+               rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32")
+    torch.manual_seed(cfg.seed)
+    net = M.Transformer(M.Config.from_dict(raw))
+    with torch.no_grad():
+        net.embed_tokens.weight.mul_(0.15)  # logits = norm(h) . e: std ~ 0.15 sqrt(d) instead of sqrt(d)
+    tensors = {k: v.detach().contiguous() for k, v in net.base_weights().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    M.atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    M.atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(raw, indent=2)))
+
+
+def write_text(path: Path, text: str):
+    M.atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, cfg, step: int, epoch: int, offset: int,
+                    skipped_steps: int, data_fingerprint: str, snapshot=None):
+    """The adapter file: {kind}-step{N}.safetensors (the history: a few KB each for steering) and
+    {kind}.safetensors (the latest, the file eval.py reads; full fine-tuning: the folder full/, no
+    history: each would be a whole model), then checkpoint.pt: the checkpoint is the commit point,
+    and resuming reads nothing else. A full or unwritable disk stops the run with the path named;
+    every file is renamed into place only once complete, so the previous checkpoint stays intact.
+    With a `snapshot` (StopSignals) the trainable state comes from that CPU copy, not the live model:
+    nothing here then touches the device."""
+    kind = model.adapter.kind
+    if snapshot is not None:
+        names = [name for name, _ in model.adapter.named_parameters()]  # steering / LoRA: trainable() order
+        tensors, trainable, optimizer_state = dict(zip(names, snapshot.trainable)), snapshot.trainable, snapshot.optimizer
+    else:
+        tensors, optimizer_state = None, optimizer.state_dict()
+        trainable = [p.detach().cpu().clone() for p in model.trainable_parameters()]
+    target = run_dir / "checkpoint.pt"
+    try:
+        names = ["full"] if kind == "full" else [f"{kind}-step{step}.safetensors", f"{kind}.safetensors"]
+        for name in names:
+            target = run_dir / name
+            model.save_adapter(target, tensors, step=step, task=cfg.task, dataset=cfg.dataset)
+        state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps, data=data_fingerprint,
+                     trainable=trainable, optimizer=optimizer_state, config=asdict(cfg))
+        target = run_dir / "checkpoint.pt.tmp"
+
+        def synced(tmp):  # on disk before the rename: the commit point must survive a power loss
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        M.atomic_write(run_dir / "checkpoint.pt", synced)
+    except OSError as e:
+        for leftover in run_dir.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+        raise SystemExit(f"checkpoint of step {step} could not be written to {getattr(e, 'filename', None) or target} "
+                         f"({e.strerror or e}); the previous checkpoint in {run_dir} is intact: free space or fix "
+                         "permissions, then re-run the same command to continue from it") from None
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    path = run_dir / "checkpoint.pt"  # a leftover checkpoint.pt.tmp is an interrupted write: ignored
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+RUN_DIR_FIELDS = ("out_dir", "resume")  # where a run lives, not what it computes
+
+
+def config_differences(saved: dict, cfg) -> list[str]:
+    """The fields (other than the run directory's) on which a saved config.json and `cfg` differ."""
+    mine = asdict(cfg)
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (saved) != {mine[k]!r} (given)"
+            for k in mine if k not in RUN_DIR_FIELDS and saved.get(k) != mine[k]]
+
+
+def prepare_run_dir(cfg) -> tuple[Path, dict | None]:
+    """Rank 0: the run directory and the checkpoint to continue from, if any. A directory that
+    holds a run of the same config continues it (a re-run of the same command, a torchrun restart,
+    a scheduler requeue); one that holds anything else is refused. metrics.jsonl is cut back to
+    the checkpoint's step, so the lines a killed run wrote after its last checkpoint are replaced,
+    not duplicated."""
+    run_dir = Path(cfg.resume or cfg.out_dir or default_run_dir(cfg))
+    config_file = run_dir / "config.json"
+    if not cfg.resume and config_file.is_file():
+        try:
+            saved = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{config_file}: not valid JSON ({e}); choose another --out-dir") from None
+        differ = config_differences(saved, cfg)
+        if differ and (run_dir / "checkpoint.pt").is_file():
+            raise SystemExit(f"run directory {run_dir} holds a run with another config ({'; '.join(differ)}): "
+                             "re-run it with its own flags (or --resume it), or choose another --out-dir")
+        if differ:  # no checkpoint, nothing to protect: a run that failed at startup, started again fixed
+            print(f"{run_dir}: no checkpoint yet; starting it again with the new config ({'; '.join(differ)})")
+            config_file.unlink()
+    elif not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise SystemExit(f"run directory {run_dir} exists, is not empty and holds no config.json: "
+                         "choose another --out-dir")
+    cfg.out_dir = str(run_dir)
+    if not config_file.is_file():  # a new run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        write_text(config_file, json.dumps(asdict(cfg), indent=2))
+        return run_dir, None
+    state = load_checkpoint(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [ln for ln in metrics.read_text().splitlines() if state and metrics_step(ln) <= state["step"]]
+        write_text(metrics, "".join(ln + "\n" for ln in kept))
+    return run_dir, state
+
+
+def metrics_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn last line (a crash mid-write) counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def default_run_dir(cfg) -> str:
+    """runs/<task>-<time>; under torchrun the elastic run id instead of the time, so that a torchrun
+    restart (--max-restarts) finds the directory it began."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return f"runs/{cfg.task}-{run_id if run_id != 'none' else time.strftime('%Y%m%d-%H%M%S')}"
+
+# -----------------------------------------------------------------------------
+# Stopping: SIGTERM (schedulers before pre-emption, torchrun when a peer failed) and SIGINT
+# (Ctrl-C) end the run in a checkpoint of its last completed step.
+
+
+@dataclass
+class Snapshot:
+    """The trainable state as of a completed step, on the CPU (what a signal's checkpoint writes)."""
+    step: int
+    trainable: list  # CPU copies, in model.trainable_parameters() order
+    optimizer: dict  # AdamW's state_dict with CPU tensors
+    skipped_steps: int
+
+
+def to_cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class StopSignals:
+    """At the start of every step the trainable state (the vector and AdamW's moments: a few
+    hundred KB for steering) is copied to the CPU. A signal then writes the checkpoint of the last
+    completed step from that copy at once, without waiting for the step in flight (its sampling
+    may take minutes), and exits 128 + signal: re-running the same command continues from there,
+    exactly as if never stopped. Every rank gets the signal (torchrun forwards it; schedulers
+    signal the whole job) and they all hold the same state, so rank 0 writes and all exit.
+
+    The writing happens on a watcher thread woken through signal.set_wakeup_fd, not in a Python
+    signal handler: those run only when the main thread returns to the interpreter, and the main
+    thread may be blocked for minutes inside a collective (waiting for a peer that already exited)
+    or a CUDA sync. The watcher touches no device memory (the copy is on the CPU), so a stuck
+    stream cannot stall it. A checkpoint being written when the signal comes is finished first
+    (one lock).
+
+    Full fine-tuning is too big to copy every step (3x the model in fp32): there the signal is
+    noted, the step in flight completes, and all ranks agree (one all-reduce per step) to
+    checkpoint it and exit."""
+    SNAPSHOT_LIMIT = 1 << 26  # trainable numbers up to which a per-step copy is cheap (steering, LoRA)
+
+    def __init__(self, run, save: Callable):
+        self.run, self.save = run, save  # save(step, snapshot or None): rank 0 writes that checkpoint
+        self.snapshot: Snapshot | None = None
+        self.saved_step = run.start  # the step the checkpoint on disk holds
+        self.lock = threading.Lock()  # held while a checkpoint is written
+        self.requested = 0  # deferred mode: the signal that came
+        self.deferred = run.model.num_trainable() > self.SNAPSHOT_LIMIT
+        self.wake_read, wake_write = socket.socketpair()
+        wake_write.setblocking(False)
+        signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+        self.wake_write = wake_write  # (kept alive: its descriptor is the wakeup fd)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: None)  # the watcher acts; the interpreter must not die
+        threading.Thread(target=self.watch, name="stop-signals", daemon=True).start()
+
+    def take_snapshot(self, step: int):
+        run = self.run
+        if not self.deferred:
+            self.snapshot = Snapshot(step, [to_cpu(p) for p in run.model.trainable_parameters()],
+                                     to_cpu(run.optimizer.state_dict()), run.skipped_steps)
+
+    def watch(self):
+        while True:
+            signum = self.wake_read.recv(1)[0]
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                break
+        if self.deferred:
+            self.requested = signum  # stop_after, on the main thread, does the rest
+        else:
+            self.exit(signum)
+
+    def stop_after(self, step: int):
+        """Deferred mode, after each step: if any rank got a signal, checkpoint `step` and exit."""
+        if not self.deferred:
+            return
+        flag = torch.tensor([float(self.requested)], device=self.run.model.grad_buffer.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            if self.saved_step != step:
+                self.checkpoint(step)
+            self.exit(int(flag.item()))
+
+    def checkpoint(self, step: int):
+        """The regular checkpoint after `step` completed steps (rank 0 writes, every rank waits)."""
+        run = self.run
+        with self.lock:
+            if run.cluster.is_main:
+                self.save(step, None)
+            self.saved_step = step
+        dist.barrier()  # nobody runs ahead of a checkpoint that may still be written
+
+    def exit(self, signum: int):
+        run, name = self.run, signal.Signals(signum).name
+        with self.lock:  # a checkpoint in progress is completed first
+            snap = self.snapshot
+            if run.cluster.is_main and snap is not None and snap.step > self.saved_step:
+                self.save(snap.step, snap)
+                self.saved_step = snap.step
+            if run.cluster.is_main:
+                print(f"{name}: stopped; {run.run_dir}/checkpoint.pt holds step {self.saved_step}: re-run the "
+                      "same command to continue", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)  # not SystemExit: peers and gloo threads may be mid-collective
+
+
+class Tracker:
+    """--wandb-project: the config once, then every step's numbers (rank 0 only)."""
+
+    def __init__(self, cfg, run_dir: Path):
+        import wandb  # optional: only when asked for
+        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]  # a resumed run logs on
+        self.run = wandb.init(project=cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow",
+                              config=asdict(cfg), dir=str(run_dir))
+
+    def log(self, m: dict):
+        numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers.update({f"steering_norm/{i}": v for i, v in enumerate(m.get("steering_norm", []))})
+        self.run.log(numbers, step=m["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+class RunLog:
+    """Rank 0's record of the run: one JSON line per step in metrics.jsonl (and to W&B with
+    --wandb-project), and a progress line: a bar on a terminal, one plain line per step in a log
+    file. Other ranks hold no file and print nothing."""
+
+    def __init__(self, cfg, run_dir: Path, is_main: bool, start: int, total: int, line: Callable[[dict], str]):
+        self.is_main, self.total, self.line = is_main, total, line
+        self.file = open(run_dir / "metrics.jsonl", "a") if is_main else None
+        self.tracker = Tracker(cfg, run_dir) if cfg.wandb_project and is_main else None
+        self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stdout,
+                        disable=not (is_main and sys.stdout.isatty()))
+
+    def record(self, m: dict):
+        if self.is_main:
+            self.file.write(json.dumps(m) + "\n")
+            self.file.flush()
+            if self.tracker:
+                self.tracker.log(m)
+
+    def show(self, m: dict):
+        if not self.is_main:
+            return
+        if self.bar.disable:
+            print(f"[{m['step']}/{self.total}] " + self.line(m), flush=True)
+        else:
+            self.bar.set_postfix_str(self.line(m).split(" ", 2)[2], refresh=False)
+            self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+        if self.is_main:
+            self.file.close()
+            if self.tracker:
+                self.tracker.close()
