@@ -94,6 +94,9 @@ class Adapter(nn.Module):
     def close(self):  # undo what the adapter did to the base model, before it is replaced
         pass
 
+    def metrics(self) -> dict:  # its own numbers for each metrics.jsonl line
+        return {}
+
 
 class Steering(Adapter):
     """h + alpha * steering[l] after the block (or after the attention residual), for the listed
@@ -123,6 +126,9 @@ class Steering(Adapter):
 
     def num_trainable(self):
         return len(self.layers) * self.steering.shape[1]
+
+    def metrics(self):
+        return dict(steering_norm=self.steering.detach().norm(dim=1).tolist())  # (L,): one norm per layer
 
 
 class LoRA(Adapter):

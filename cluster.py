@@ -99,6 +99,24 @@ def reduce_metrics(sums: dict[str, float], maxima: dict[str, float], device) -> 
     return dict(zip(names[:n], total[:n])), dict(zip(names[n:], top[n:]))
 
 
+def synchronize(device):
+    """Wait for the device's queued work (CUDA), so that host timers measure it; nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_divergence(tensors: list) -> float:
+    """Largest |tensor - rank 0's| over ranks and tensors: 0.0 when every rank holds the same
+    values, as identical gradients and optimizer states guarantee for the trainable ones."""
+    diff = torch.zeros(1, dtype=torch.float64, device=tensors[0].device)
+    for t in tensors:
+        ref = t.detach().clone()
+        dist.broadcast(ref, src=0)
+        diff = torch.maximum(diff, (t.detach() - ref).abs().max().double().reshape(1))
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
 def run_cli(main, argv=None):
     """Run a CLI's main(). A user error (a bad flag, a missing file, a config that cannot work:
     SystemExit with a message, ValueError, FileNotFoundError) prints one line, `error: ...`, from

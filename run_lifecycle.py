@@ -151,6 +151,57 @@ def prepare_run_dir(cfg) -> tuple[Path, dict | None]:
     return run_dir, state
 
 
+def open_run(cfg, c) -> tuple[Path, dict | None]:
+    """Every rank: the run directory and the checkpoint state to continue from (None for a new
+    run). Rank 0 decides (prepare_run_dir); only its decision crosses ranks (the checkpoint of a
+    full fine-tune is 12 bytes per weight): every rank then reads checkpoint.pt itself, from the
+    run directory's shared filesystem. A refusal is raised on every rank alike."""
+    import cluster
+    decision = None
+    if c.is_main:
+        try:
+            run_dir, state = prepare_run_dir(cfg)
+            decision = (run_dir, state is not None)
+        except SystemExit as e:
+            decision = e
+    decision = cluster.broadcast(decision, c)
+    if isinstance(decision, SystemExit):
+        raise decision
+    run_dir, resuming = decision
+    cfg.out_dir = str(run_dir)
+    return run_dir, load_checkpoint(run_dir) if resuming else None
+
+
+def run_model(cfg, run_dir: Path, c) -> Path | str:
+    """--model, or for 'random-tiny' the tiny model rank 0 writes into the run directory (once)."""
+    if cfg.model != "random-tiny":
+        return cfg.model
+    folder = run_dir / "model"
+    if c.is_main and not (folder / "model.safetensors").is_file():
+        build_tiny_model(folder, cfg)
+    dist.barrier()  # (several nodes need the run directory on a shared filesystem here)
+    return folder
+
+
+def check_resume(state: dict, run_dir: Path, data_fingerprint: str, position: tuple[int, int]):
+    """A checkpoint continues only on the data it was trained on, at the position its step implies."""
+    if state["data"] != data_fingerprint:
+        raise SystemExit(f"{run_dir}/checkpoint.pt: the training prompts differ from the ones the run began "
+                         "with (dataset, data dir, tokenizer or template changed?)")
+    if (state["epoch"], state["offset"]) != position:
+        raise SystemExit(f"{run_dir}/checkpoint.pt: data position {(state['epoch'], state['offset'])} does not "
+                         f"match step {state['step']} (the dataset changed since the run began?)")
+
+
+def restore(state: dict, model, optimizer):
+    """The checkpoint's trainable tensors and AdamW state into the live model and optimizer."""
+    with torch.no_grad():  # in place: the sampler's CUDA graphs hold these tensors
+        for p, saved in zip(model.trainable_parameters(), state["trainable"], strict=True):
+            p.copy_(saved)
+    model.trainable_to_weights()
+    optimizer.load_state_dict(state["optimizer"])
+
+
 def metrics_step(line: str) -> float:
     """The step of a metrics.jsonl line; a torn last line (a crash mid-write) counts as past every checkpoint."""
     try:
@@ -293,13 +344,45 @@ class Tracker:
         self.run.finish()
 
 
+def step_metrics(sums: dict, top: dict, *, step, epoch, lr, prompts, step_s, grad_norm, model,
+                 dynamic: bool, micro_batches, micro_batch_tokens, skipped, skipped_steps, skipped_prompts) -> dict:
+    """One metrics.jsonl line from rl_step's numbers summed (`sums`) and maxed (`top`) over ranks:
+    means per rollout, shares per prompt, the slowest rank's phase times; what trains and what
+    crossed ranks (the adapter's own numbers: per-layer vector norms for steering)."""
+    n, buf = sums["rollouts"], model.grad_buffer
+    return dict(step=step, epoch=epoch, lr=lr, reward_mean=sums["reward"] / n, accuracy=sums["correct"] / n,
+                adv_abs_mean=sums["adv_abs"] / n, adv_std=math.sqrt(max(sums["adv_sq"] / n, 0.0)),
+                zero_adv_prompts=sums["zero_adv_prompts"] / prompts, completion_len_mean=sums["tokens"] / n,
+                completion_len_max=int(top["completion_len"]), truncated_frac=sums["truncated"] / n,
+                loss=sums["loss"], logprob_gap=sums["gap"] / max(sums["gap_tokens"], 1.0), sample_s=top["sample_s"],
+                reward_s=top["reward_s"], train_s=top["train_s"], step_s=step_s,
+                tokens_per_s=sums["tokens"] / max(top["sample_s"], 1e-9), grad_norm=grad_norm,
+                trainable_params=model.num_trainable(), bytes_allreduced=buf.numel() * buf.element_size(),
+                **model.adapter.metrics(),
+                backward_tokens=int(sums["forwarded"]), backward_tokens_naive=int(sums["naive"]),
+                signal_prompts=sums["signal_prompts"] / prompts,
+                **(dict(dynamic_draws=int(sums["dynamic_draws"]), refill_s=top["refill_s"]) if dynamic else {}),
+                micro_batches=micro_batches, oom_retries=int(sums["oom_retries"]),
+                micro_batch_tokens=micro_batch_tokens, skipped=skipped, skipped_steps=skipped_steps,
+                **{k: int(sums[k]) for k in ("reward_timeouts", "reward_crashes", "reward_workers_replaced",
+                                             "reward_workers_recycled")},
+                skipped_prompts=skipped_prompts)
+
+
+def log_line(m: dict) -> str:
+    return (f"step {m['step']} reward {m['reward_mean']:+.3f} acc {m['accuracy']:.3f} "
+            f"len {m['completion_len_mean']:.0f} trunc {m['truncated_frac']:.2f} | {m['step_s']:.1f}s "
+            f"(sample {m['sample_s']:.1f} reward {m['reward_s']:.1f} train {m['train_s']:.1f}) "
+            f"{m['tokens_per_s']:.0f} tok/s" + (" SKIPPED" if m["skipped"] else ""))
+
+
 class RunLog:
     """Rank 0's record of the run: one JSON line per step in metrics.jsonl (and to W&B with
     --wandb-project), and a progress line: a bar on a terminal, one plain line per step in a log
     file. Other ranks hold no file and print nothing."""
 
-    def __init__(self, cfg, run_dir: Path, is_main: bool, start: int, total: int, line: Callable[[dict], str]):
-        self.is_main, self.total, self.line = is_main, total, line
+    def __init__(self, cfg, run_dir: Path, is_main: bool, start: int, total: int):
+        self.is_main, self.total = is_main, total
         self.file = open(run_dir / "metrics.jsonl", "a") if is_main else None
         self.tracker = Tracker(cfg, run_dir) if cfg.wandb_project and is_main else None
         self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stdout,
@@ -316,9 +399,9 @@ class RunLog:
         if not self.is_main:
             return
         if self.bar.disable:
-            print(f"[{m['step']}/{self.total}] " + self.line(m), flush=True)
+            print(f"[{m['step']}/{self.total}] " + log_line(m), flush=True)
         else:
-            self.bar.set_postfix_str(self.line(m).split(" ", 2)[2], refresh=False)
+            self.bar.set_postfix_str(log_line(m).split(" ", 2)[2], refresh=False)
             self.bar.update(1)
 
     def close(self):

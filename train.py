@@ -24,11 +24,9 @@ sampler, so a prompt gets the same rollouts whatever the number of ranks, and a 
 repeats what the interrupted one would have done: bit for bit on CPU; on GPU up to float
 rounding, which batch composition and kernels change.
 
-A run directory holds config.json (the resolved config), metrics.jsonl (one line per step),
-{adapter}.safetensors (the latest vector or LoRA, for eval.py; `full`: a Hugging Face folder
-full/), {adapter}-step{N}.safetensors for every checkpoint (the history), and checkpoint.pt
-(everything to resume). Every file is written to a temporary name and renamed, so a crash never
-leaves a half-written one. Re-running the same command on the directory continues the run.
+Around the method: train_config.py (flags, presets, checks), rl_task.py (prompts, rewards and the
+one evaluation), run_lifecycle.py (the run directory, checkpoints, resume, signals, metrics).
+Re-running the same command on a run directory continues the run.
 """
 import functools
 import gc
@@ -49,8 +47,9 @@ import memory
 import model as M
 import rloo
 from rl_task import TASKS, Task, completion_budget, eval_task
-from run_lifecycle import (RunLog, StopSignals, build_tiny_model, load_checkpoint, prepare_run_dir,
-                           save_checkpoint, write_text)
+from run_lifecycle import (RunLog, StopSignals, check_resume, open_run, restore, run_model, save_checkpoint, step_metrics,
+                           write_text)
+from rollout_groups import Group, as_groups, has_signal, micro_batches, refill, with_signal
 from sample import Sampler
 from train_config import TrainConfig, check_config, parse_args
 
@@ -85,62 +84,17 @@ def sample(sampler, task: Task, cfg: TrainConfig, step: int, prompt_indices: lis
     return [c for group in groups for c in group]
 
 
-@dataclass
-class Rollout:
-    completion: list[int]
-    advantage: float
-    sampler_logprobs: list[float]  # one per completion token
-
-
-@dataclass
-class Group:
-    """A prompt and those of its rollouts that go through one shared forward."""
-    prompt: list[int]
-    rollouts: list[Rollout]
-
-    def width(self) -> int:  # the completion rows' padded width in the forward (the last token is a target only)
-        return max(len(r.completion) for r in self.rollouts) - 1
-
-    def tokens(self) -> int:  # tokens forwarded: the prompt once, each completion but its last token
-        return len(self.prompt) + sum(len(r.completion) - 1 for r in self.rollouts)
-
-
-def as_groups(task: Task, cfg: TrainConfig, prompt_indices: list[int], completions, adv) -> list[Group]:
-    """Flat prompt-major completions and their (P, N) advantages -> one Group per prompt."""
-    N = cfg.rollouts
-    return [Group(task.prompts[i], [Rollout(comp.tokens, a, comp.logprobs)
-                                    for comp, a in zip(completions[k * N:(k + 1) * N], adv[k].tolist())])
-            for k, i in enumerate(prompt_indices)]
-
-
-def has_signal(group: Group) -> bool:
-    return any(r.advantage != 0 for r in group.rollouts)
-
-
-def refill(run, step: int, groups: list[Group]) -> tuple[list[Group], int]:
-    """Dynamic sampling (DAPO): the step's prompts whose rollouts all got the same reward carry no
-    signal; replace them by fresh prompts, in up to --dynamic-sampling rounds of as many draws as
-    are still missing. Fresh prompts are drawn at random from the training set, seeded by (seed,
-    step, rank, round), and sampled under prompt offsets past the step's own, so a resumed run draws
-    the same. Groups still without signal after the last round fill the step up to its size.
-    Returns (this rank's groups, the extra prompts drawn)."""
+def fresh_groups(run, step: int, round_: int, missing: int) -> list[Group]:
+    """--dynamic-sampling's draws (rollout_groups.refill): `missing` prompts at random from the
+    training set, seeded by (seed, step, rank, round) and sampled under prompt offsets past the
+    step's own, so a resumed run draws the same; rewarded, with their advantages."""
     cfg, c, task = run.cfg, run.cluster, run.task
-    per_rank = len(groups)
-    kept, flat, draws = [g for g in groups if has_signal(g)], [g for g in groups if not has_signal(g)], 0
-    for round_ in range(cfg.dynamic_sampling):
-        missing = per_rank - len(kept)
-        if missing == 0:
-            break
-        gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + c.rank) * 257 + round_)
-        indices = torch.randint(len(task.prompts), (missing,), generator=gen).tolist()
-        completions = sample(run.sampler, task, cfg, step, indices,
-                             cfg.prompts_per_step * (round_ + 1) + c.rank * per_rank)
-        owners = [i for i in indices for _ in range(cfg.rollouts)]
-        rewards, _ = task.reward([comp.tokens for comp in completions], owners)
-        adv = rloo.advantages(torch.tensor(rewards).view(missing, cfg.rollouts))
-        kept += [g for g in as_groups(task, cfg, indices, completions, adv) if has_signal(g)]
-        draws += missing
-    return kept + flat[:per_rank - len(kept)], draws
+    gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + c.rank) * 257 + round_)
+    indices = torch.randint(len(task.prompts), (missing,), generator=gen).tolist()
+    completions = sample(run.sampler, task, cfg, step, indices, cfg.prompts_per_step * (round_ + 1) + c.rank * (cfg.prompts_per_step // c.world))
+    rewards, _ = task.reward([comp.tokens for comp in completions], [i for i in indices for _ in range(cfg.rollouts)])
+    return as_groups([task.prompts[i] for i in indices], completions,
+                     rloo.advantages(torch.tensor(rewards).view(missing, cfg.rollouts)))
 
 # -----------------------------------------------------------------------------
 # The backward, with two savings that leave the gradient exactly as one forward per rollout gives:
@@ -148,36 +102,6 @@ def refill(run, step: int, groups: list[Group]) -> tuple[list[Group], int]:
 #   normaliser was counted over every rollout before, as the paper's token mean does);
 # - a prompt is forwarded once for its rollouts: the completions attend to its keys and values at
 #   every layer, and autograd sums their gradients through the shared prompt.
-
-
-def with_signal(groups: list[Group]) -> list[Group]:
-    """Only the rollouts whose gradient is not exactly zero: advantage != 0 and a completion at all."""
-    kept = [Group(g.prompt, [r for r in g.rollouts if r.advantage != 0 and r.completion]) for g in groups]
-    return [g for g in kept if g.rollouts]
-
-
-def padded_tokens(batch: list[Group]) -> int:
-    """A micro-batch's forward size: its prompts right-padded to the longest, then its completion rows."""
-    return (len(batch) * max(len(g.prompt) for g in batch) +
-            sum(len(g.rollouts) for g in batch) * max(g.width() for g in batch))
-
-
-def micro_batches(groups: list[Group], budget: int) -> list[list[Group]]:
-    """Groups packed longest first into micro-batches of at most `budget` padded tokens. A group
-    bigger than the budget is cut into pieces of fewer rollouts, each forwarding the prompt again
-    (still exact), down to one rollout per piece, which goes alone when even that is too big."""
-    pieces = []
-    for g in groups:
-        per_piece = max(1, (budget - len(g.prompt)) // max(g.width(), 1))
-        pieces += [Group(g.prompt, g.rollouts[i:i + per_piece]) for i in range(0, len(g.rollouts), per_piece)]
-    pieces.sort(key=lambda g: len(g.prompt) + g.width(), reverse=True)
-    batches, current = [], []
-    for g in pieces:
-        if current and padded_tokens(current + [g]) > budget:
-            batches.append(current)
-            current = []
-        current.append(g)
-    return batches + [current] if current else batches
 
 
 def backward(model, batch: list[Group], cfg: TrainConfig, vocab_size, totals: dict, device):
@@ -307,18 +231,6 @@ def reduce_and_step(model, optimizer, cfg: TrainConfig, lr: float, bad_loss: boo
     return grad_norm, False
 
 
-def ranks_divergence(model) -> float:
-    """Largest |trainable - rank 0's| over ranks and tensors: 0.0 when every rank holds the same
-    adapter, as identical gradients and optimizer states guarantee. Checked at checkpoints."""
-    diff = torch.zeros(1, dtype=torch.float64, device=model.grad_buffer.device)
-    for p in model.trainable_parameters():
-        ref = p.detach().clone()
-        dist.broadcast(ref, src=0)
-        diff = torch.maximum(diff, (p.detach() - ref).abs().max().double().reshape(1))
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
-
-
 # -----------------------------------------------------------------------------
 # Setup: run directory, task, model, optimizer, sampler; then one RL step as one function.
 
@@ -343,28 +255,8 @@ class Run:
 
 
 def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
-    decision = None  # the run directory and resume state are decided once, by rank 0, and shared
-    if c.is_main:
-        try:
-            decision = prepare_run_dir(cfg)
-        except SystemExit as e:
-            decision = e
-    # only the decision crosses ranks (the checkpoint of a full fine-tune is 12 bytes per weight):
-    # every rank then reads checkpoint.pt itself, from the run directory's shared filesystem
-    decision = cluster.broadcast(decision if not isinstance(decision, tuple) else
-                                 (decision[0], decision[1] is not None), c)
-    if isinstance(decision, SystemExit):
-        raise decision
-    run_dir, resuming = decision
-    state = load_checkpoint(run_dir) if resuming else None
-    cfg.out_dir = str(run_dir)
-
-    model_path = cfg.model
-    if cfg.model == "random-tiny":
-        model_path = run_dir / "model"
-        if c.is_main and not (model_path / "model.safetensors").is_file():
-            build_tiny_model(model_path, cfg)
-        dist.barrier()  # (several nodes need the run directory on a shared filesystem here)
+    run_dir, state = open_run(cfg, c)  # the run directory, and the checkpoint to continue from
+    model_path = run_model(cfg, run_dir, c)
     task = TASKS[cfg.task](cfg, model_path, c.is_main)  # before the model: reward workers fork small
     evals = eval_task(cfg, model_path, c.is_main) if cfg.eval_every else None
     # everything that can be checked without the model is checked before it loads
@@ -373,15 +265,9 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(task.prompts)} prompts do not fill one step of --prompts-per-step {P}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    start, skipped_steps = 0, 0
-    if state is not None:
-        start, skipped_steps = state["step"], state["skipped_steps"]
-        if state["data"] != task.fingerprint():
-            raise SystemExit(f"{run_dir}/checkpoint.pt: the training prompts differ from the ones the run began "
-                             "with (dataset, data dir, tokenizer or template changed?)")
-        if (state["epoch"], state["offset"]) != step_position(start, steps_per_epoch, P):
-            raise SystemExit(f"{run_dir}/checkpoint.pt: data position {(state['epoch'], state['offset'])} does not "
-                             f"match step {start} (the dataset changed since the run began?)")
+    start, skipped_steps = (state["step"], state["skipped_steps"]) if state else (0, 0)
+    if state:
+        check_resume(state, run_dir, task.fingerprint(), step_position(start, steps_per_epoch, P))
     all_prompts = task.prompts + (evals.prompts if evals else [])
     longest = min(cfg.max_len, max(map(len, all_prompts)) + (cfg.max_new_tokens or cfg.max_len))
     if cfg.kv_cache_tokens and cfg.kv_cache_tokens < longest:  # (the memory plan checks the rest)
@@ -415,11 +301,7 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
     model.reset_grads()  # the flat gradient buffer exists from here on (metrics and collectives read it)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
-        with torch.no_grad():  # in place: the sampler's CUDA graphs hold these tensors
-            for p, saved in zip(model.trainable_parameters(), state["trainable"], strict=True):
-                p.copy_(saved)
-        model.trainable_to_weights()
-        optimizer.load_state_dict(state["optimizer"])
+        restore(state, model, optimizer)
         if c.is_main and start < total_steps:
             print(f"resuming {run_dir} at step {start}/{total_steps}")
     elif c.is_main and (run_dir / "metrics.jsonl").is_file():
@@ -440,17 +322,17 @@ def rl_step(run: Run, step: int) -> dict:
     rank_offset = c.rank * per_rank  # this rank's first prompt, as an index within the step
     prompt_indices = epoch_order(cfg.seed, epoch, len(task.prompts))[offset + rank_offset:][:per_rank]
     completions = sample(run.sampler, task, cfg, step, prompt_indices, rank_offset)
-    sync(c.device)
+    cluster.synchronize(c.device)
     t1 = time.perf_counter()
     owners = [i for i in prompt_indices for _ in range(cfg.rollouts)]  # each rollout's prompt
     rewards, correct = task.reward([comp.tokens for comp in completions], owners)
     adv = rloo.advantages(torch.tensor(rewards).view(per_rank, cfg.rollouts))  # a prompt's rollouts share a rank
     t2 = time.perf_counter()
 
-    groups = as_groups(task, cfg, prompt_indices, completions, adv)
+    groups = as_groups([task.prompts[i] for i in prompt_indices], completions, adv)
     draws = 0
     if cfg.dynamic_sampling:
-        groups, draws = refill(run, step, groups)
+        groups, draws = refill(groups, cfg.dynamic_sampling, functools.partial(fresh_groups, run, step))
     t_refill = time.perf_counter()
 
     lengths = [len(comp.tokens) for comp in completions]
@@ -465,7 +347,7 @@ def rl_step(run: Run, step: int) -> dict:
     lr = cfg.lr * min(1.0, (step + 1) / run.warmup_steps) if run.warmup_steps else cfg.lr
     grad_norm, skipped = reduce_and_step(run.model, run.optimizer, cfg, lr, grad.bad_loss)
     run.skipped_steps += skipped
-    sync(c.device)
+    cluster.synchronize(c.device)
     t3 = time.perf_counter()
 
     pool = task.stats()  # this rank's reward workers, since the run began (summed over ranks below)
@@ -481,24 +363,10 @@ def rl_step(run: Run, step: int) -> dict:
              dynamic_draws=draws, signal_prompts=sum(map(has_signal, groups))),
         dict(completion_len=max(lengths), sample_s=t1 - t0, reward_s=t2 - t1, refill_s=t_refill - t2,
              train_s=t3 - t_refill), c.device)
-    n = sums["rollouts"]
-    return dict(step=step + 1, epoch=epoch, lr=lr, reward_mean=sums["reward"] / n, accuracy=sums["correct"] / n,
-                adv_abs_mean=sums["adv_abs"] / n, adv_std=math.sqrt(max(sums["adv_sq"] / n, 0.0)),
-                zero_adv_prompts=sums["zero_adv_prompts"] / P, completion_len_mean=sums["tokens"] / n,
-                completion_len_max=int(top["completion_len"]), truncated_frac=sums["truncated"] / n,
-                loss=sums["loss"], logprob_gap=sums["gap"] / max(sums["gap_tokens"], 1.0), sample_s=top["sample_s"],
-                reward_s=top["reward_s"], train_s=top["train_s"], step_s=time.perf_counter() - t0,
-                tokens_per_s=sums["tokens"] / max(top["sample_s"], 1e-9), grad_norm=grad_norm,
-                **adapter_metrics(run.model),
-                backward_tokens=int(sums["forwarded"]), backward_tokens_naive=int(sums["naive"]),
-                signal_prompts=sums["signal_prompts"] / P,
-                **(dict(dynamic_draws=int(sums["dynamic_draws"]), refill_s=top["refill_s"]) if cfg.dynamic_sampling
-                   else {}),
-                micro_batches=grad.micro_batches, oom_retries=int(sums["oom_retries"]),
-                micro_batch_tokens=run.micro_batch_tokens, skipped=skipped, skipped_steps=run.skipped_steps,
-                **{k: int(sums[k]) for k in ("reward_timeouts", "reward_crashes", "reward_workers_replaced",
-                                             "reward_workers_recycled")},
-                skipped_prompts=task.skipped_prompts)
+    return step_metrics(sums, top, step=step + 1, epoch=epoch, lr=lr, prompts=P, step_s=time.perf_counter() - t0,
+                        grad_norm=grad_norm, model=run.model, dynamic=bool(cfg.dynamic_sampling),
+                        micro_batches=grad.micro_batches, micro_batch_tokens=run.micro_batch_tokens,
+                        skipped=skipped, skipped_steps=run.skipped_steps, skipped_prompts=task.skipped_prompts)
 
 
 def evaluate(run: Run) -> dict:
@@ -517,26 +385,6 @@ def evaluate(run: Run) -> dict:
                 eval_len_mean=sums["tokens"] / n, eval_truncated_frac=sums["truncated"] / n,
                 eval_s=time.perf_counter() - t0)
 
-
-def adapter_metrics(model) -> dict:
-    """What trains and what crossed ranks; per-layer vector norms for steering (length L)."""
-    buf = model.grad_buffer
-    out = dict(trainable_params=model.num_trainable(), bytes_allreduced=buf.numel() * buf.element_size())
-    if model.adapter.kind == "steering":
-        out["steering_norm"] = model.steering.detach().norm(dim=1).tolist()
-    return out
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def log_line(m: dict) -> str:
-    return (f"step {m['step']} reward {m['reward_mean']:+.3f} acc {m['accuracy']:.3f} "
-            f"len {m['completion_len_mean']:.0f} trunc {m['truncated_frac']:.2f} | {m['step_s']:.1f}s "
-            f"(sample {m['sample_s']:.1f} reward {m['reward_s']:.1f} train {m['train_s']:.1f}) "
-            f"{m['tokens_per_s']:.0f} tok/s" + (" SKIPPED" if m["skipped"] else ""))
 
 # -----------------------------------------------------------------------------
 # The loop
@@ -557,11 +405,6 @@ def main(argv=None):
     if c.device.type == "cpu":
         memory.return_freed_host_memory()  # what the memory plan assumes (see there)
     check_config(cfg, c.world)
-    if cfg.wandb_project and c.is_main:
-        try:
-            import wandb  # noqa: F401  (checked before anything loads)
-        except ImportError:
-            raise SystemExit("--wandb-project needs the wandb package: pip install wandb") from None
     run = setup(cfg, c)
     if run.start >= run.total_steps:
         if c.is_main:
@@ -570,7 +413,7 @@ def main(argv=None):
         cluster.close()
         return
     stops = StopSignals(run, functools.partial(save, run))
-    log = RunLog(cfg, run.run_dir, c.is_main, run.start, run.total_steps, log_line)
+    log = RunLog(cfg, run.run_dir, c.is_main, run.start, run.total_steps)
     if cfg.eval_every and run.start == 0:  # the base model's score: where the curve starts
         log.record(dict(step=0, **evaluate(run)))
     for step in range(run.start, run.total_steps):
@@ -579,7 +422,7 @@ def main(argv=None):
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             m.update(evaluate(run))
         checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == run.total_steps
-        m["rank_divergence"] = ranks_divergence(run.model) if checkpoint_now else None
+        m["rank_divergence"] = cluster.max_divergence(run.model.trainable_parameters()) if checkpoint_now else None
         if m["rank_divergence"]:  # the same value on every rank (all-reduced): all stop together
             raise RuntimeError(f"step {step + 1}: the ranks' adapters differ by up to {m['rank_divergence']}")
         log.record(m)

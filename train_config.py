@@ -272,5 +272,10 @@ def check_config(cfg: TrainConfig, world: int):
         problems.append("--layers: full fine-tuning trains every layer (leave --layers empty)")
     if cfg.collective_timeout <= 0:
         problems.append(f"--collective-timeout {cfg.collective_timeout}: must be > 0 seconds")
+    if cfg.wandb_project:
+        try:
+            import wandb  # noqa: F401  (checked before anything loads)
+        except ImportError:
+            problems.append("--wandb-project needs the wandb package: pip install wandb")
     if problems:
         raise SystemExit("config error: " + "; ".join(problems))

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from the repo root
 
 import data  # noqa: E402
 import model as M  # noqa: E402
+import rollout_groups as RG  # noqa: E402
 from sample import Sampler  # noqa: E402
 
 
@@ -105,21 +106,21 @@ def main(argv=None):
     sample_flops = 2 * (body_params(cfg) + head) * new_tokens  # prefill of the shared prompts left out
 
     # the step's backward twice on the same rollouts: naive (every rollout forwarded alone, prompt
-    # included, zero advantages too) and as train.py runs it (train.with_signal: zero advantages
+    # included, zero advantages too) and as train.py runs it (RG.with_signal: zero advantages
     # skipped, each prompt forwarded once for its rollouts). A share --flat of the prompts gets
     # all-zero advantages (a group whose rollouts all scored the same), the others +-1.
     train = load_train()
     tcfg = train.TrainConfig(micro_batch_tokens=args.micro_batch_tokens, loss_norm="token")
     flat = round(args.flat * len(prompts))
-    grouped = [train.Group(p, [train.Rollout(c.tokens, 0.0 if i < flat else (1.0 if k % 2 else -1.0), c.logprobs)
+    grouped = [RG.Group(p, [RG.Rollout(c.tokens, 0.0 if i < flat else (1.0 if k % 2 else -1.0), c.logprobs)
                                for k, c in enumerate(g) if c.tokens])
                for i, (p, g) in enumerate(zip(prompts, groups))]
-    naive = [train.Group(g.prompt, [r]) for g in grouped for r in g.rollouts]
+    naive = [RG.Group(g.prompt, [r]) for g in grouped for r in g.rollouts]
     totals = dict(total_sequences=len(naive), max_completion_len=args.max_new_tokens, total_tokens=float(new_tokens))
     cpu, budget = torch.device("cpu"), tcfg.micro_batch_tokens
     train.accumulate_gradient(model, naive[:2], tcfg, vocab_size, totals, cpu, budget)  # warm-up
     rows = [("sampling", sample_s, new_tokens, sample_flops)]
-    for name, batch in (("backward naive", naive), ("backward ours", train.with_signal(grouped))):
+    for name, batch in (("backward naive", naive), ("backward ours", RG.with_signal(grouped))):
         t0 = time.perf_counter()
         record = train.accumulate_gradient(model, batch, tcfg, vocab_size, totals, cpu, budget)
         seconds = time.perf_counter() - t0

@@ -55,6 +55,7 @@ import paged_attention  # noqa: E402
 import memory  # noqa: E402
 import model as M  # noqa: E402
 import rloo  # noqa: E402
+import rollout_groups as RG  # noqa: E402
 import sample  # noqa: E402
 
 
@@ -507,7 +508,7 @@ def check_frozen_base(report: Report, plan: Plan):
     m.checkpoint_blocks = plan.device.type == "cuda"  # as train.py's memory plan chooses at real shapes
     prompt = random_prompts(1, 13, m.config.vocab_size)[0]
     completion = random_prompts(1, 25, m.config.vocab_size, seed=1)[0]
-    group = train.Group(prompt, [train.Rollout(completion, 1.0, [0.0] * len(completion))])
+    group = RG.Group(prompt, [RG.Rollout(completion, 1.0, [0.0] * len(completion))])
     tokens = (len(prompt), len(completion) - 1)  # the prompt's and the completion's forward: 13, 24
     totals = dict(total_sequences=1, max_completion_len=len(completion), total_tokens=len(completion))
 
@@ -817,11 +818,11 @@ def rl_step(m, sampler, optimizer, cfg, prompts):
     mark()
     advantages = rloo.advantages(torch.randint(0, 2, (len(prompts), cfg.rollouts)).float() * 2 - 1)  # (P, N) of +-1
     mark()
-    batch = [train.Group(p, [train.Rollout(c.tokens, a, c.logprobs) for c, a in zip(group, row)])
+    batch = [RG.Group(p, [RG.Rollout(c.tokens, a, c.logprobs) for c, a in zip(group, row)])
              for p, group, row in zip(prompts, groups, advantages.tolist())]
     totals = dict(total_sequences=sum(len(g.rollouts) for g in batch), max_completion_len=cfg.max_new_tokens,
                   total_tokens=sum(len(r.completion) for g in batch for r in g.rollouts))
-    batch = train.with_signal(batch)  # what the backward forwards: zero advantages skipped
+    batch = RG.with_signal(batch)  # what the backward forwards: zero advantages skipped
     bad_loss = train.accumulate_gradient(m, batch, cfg, None, totals, device, cfg.micro_batch_tokens).bad_loss
     mark()
     train.reduce_and_step(m, optimizer, cfg, cfg.lr, bad_loss)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import model as M
+import rollout_groups as RG
 from conftest import needs_math_verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -453,53 +454,7 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, tiny_qwen, train_module, monkeypatch):
-    model = M.Transformer.from_pretrained(tiny_qwen)
-    opt = torch.optim.AdamW([model.steering], lr=0.1)
-    cfg = train_module.TrainConfig(task="toy")
-    with torch.no_grad():
-        model.steering.fill_(1.0)
-    train_module.save_checkpoint(tmp_path, model, opt, cfg, step=4, epoch=0, offset=16, skipped_steps=0, data_fingerprint="abc")
-
-    def dies_half_way(obj, f):
-        f.write(b"PK\x03\x04 partial")
-        raise KeyboardInterrupt("killed while writing")
-    monkeypatch.setattr(train_module.torch, "save", dies_half_way)
-    with torch.no_grad():
-        model.steering.fill_(2.0)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.save_checkpoint(tmp_path, model, opt, cfg, step=6, epoch=0, offset=24, skipped_steps=0, data_fingerprint="abc")
-    assert (tmp_path / "checkpoint.pt.tmp").exists()  # the stray half-written file
-    state = train_module.load_checkpoint(tmp_path)
-    assert state["step"] == 4 and torch.equal(state["trainable"][0], torch.ones_like(model.steering))
-    assert state["config"]["task"] == "toy"
-
-
-def test_a_full_disk_at_a_checkpoint_names_the_path_and_keeps_the_previous_one(tmp_path, tiny_qwen, train_module,
-                                                                               monkeypatch):
-    model = M.Transformer.from_pretrained(tiny_qwen)
-    opt = torch.optim.AdamW([model.steering], lr=0.1)
-    cfg = train_module.TrainConfig(task="toy")
-    train_module.save_checkpoint(tmp_path, model, opt, cfg, step=2, epoch=0, offset=8, skipped_steps=0,
-                                 data_fingerprint="abc")
-
-    def disk_full(obj, f):
-        f.write(b"PK\x03\x04 partial")
-        raise OSError(28, "No space left on device", f.name)
-    monkeypatch.setattr(train_module.torch, "save", disk_full)
-    with torch.no_grad():
-        model.steering.fill_(2.0)
-    with pytest.raises(SystemExit) as e:
-        train_module.save_checkpoint(tmp_path, model, opt, cfg, step=4, epoch=0, offset=16, skipped_steps=0,
-                                     data_fingerprint="abc")
-    assert "No space left on device" in str(e.value) and str(tmp_path / "checkpoint.pt.tmp") in str(e.value)
-    assert "previous checkpoint" in str(e.value)
-    assert not list(tmp_path.glob("*.tmp"))
-    state = train_module.load_checkpoint(tmp_path)
-    assert state["step"] == 2 and torch.equal(state["trainable"][0], torch.zeros_like(model.steering))
-
-
-def random_groups(train, vocab=96, prompts=(5, 9, 3, 7), rollouts=4, seed=0):
+def random_groups(vocab=96, prompts=(5, 9, 3, 7), rollouts=4, seed=0):
     """Prompts of several lengths with `rollouts` completions each (lengths 1..12, advantages
     random), one group flat (all advantages 0) and a few single zero advantages among the rest."""
     g = torch.Generator().manual_seed(seed)
@@ -509,9 +464,9 @@ def random_groups(train, vocab=96, prompts=(5, 9, 3, 7), rollouts=4, seed=0):
         for j in range(rollouts):
             n = 1 if (k, j) == (0, 0) else int(torch.randint(2, 13, (1,), generator=g))
             adv = 0.0 if k == 2 or (k, j) == (1, 2) else float(torch.randn(1, generator=g))
-            rows.append(train.Rollout(torch.randint(0, vocab, (n,), generator=g).tolist(), adv,
+            rows.append(RG.Rollout(torch.randint(0, vocab, (n,), generator=g).tolist(), adv,
                                       (-torch.rand(n, generator=g)).tolist()))
-        groups.append(train.Group(torch.randint(0, vocab, (length,), generator=g).tolist(), rows))
+        groups.append(RG.Group(torch.randint(0, vocab, (length,), generator=g).tolist(), rows))
     return groups
 
 
@@ -540,7 +495,7 @@ def test_truncated_importance_sampling_weights_each_token(tiny_qwen, train_modul
     model = M.Transformer.from_pretrained(tiny_qwen)
     with torch.no_grad():
         model.steering.copy_(0.1 * torch.randn_like(model.steering))
-    groups = train_module.with_signal(random_groups(train_module))
+    groups = RG.with_signal(random_groups())
     shift = lambda n: torch.tensor([-math.log(2.0) if t % 2 == 0 else math.log(2.0) for t in range(n)])
     with torch.no_grad():
         for g in groups:
@@ -576,18 +531,18 @@ def test_backward_savings_give_the_naive_gradient(tmp_path, train_module, family
             p.add_(0.05 * torch.randn_like(p))  # steering and LoRA's B start at zero
     model.trainable_to_weights()
     model.checkpoint_blocks = recompute
-    groups = random_groups(train_module)
+    groups = random_groups()
     cfg = train_module.TrainConfig(task="toy", temperature=0.7)
     rows = [r for g in groups for r in g.rollouts]
     totals = dict(total_sequences=len(rows), max_completion_len=16, total_tokens=float(sum(len(r.completion) for r in rows)))
     want = naive_gradient(model, groups, cfg, totals)
     assert want.abs().max() > 0
-    signal = train_module.with_signal(groups)
+    signal = RG.with_signal(groups)
     assert [len(g.rollouts) for g in signal] == [4, 3, 4]  # group 2 is flat, one zero in group 1
     for budget in (1000, 40, 1):
         record = train_module.accumulate_gradient(model, signal, cfg, None, totals, torch.device("cpu"), budget)
         torch.testing.assert_close(model.grad_buffer, want, rtol=1e-5, atol=1e-6)
-        pieces = [g for b in train_module.micro_batches(signal, budget) for g in b]
+        pieces = [g for b in RG.micro_batches(signal, budget) for g in b]
         assert record.forwarded_tokens == sum(len(g.prompt) + sum(len(r.completion) - 1 for r in g.rollouts)
                                               for g in pieces)
         assert record.micro_batches == (1 if budget == 1000 else len(pieces) if budget == 1 else record.micro_batches)
@@ -595,20 +550,10 @@ def test_backward_savings_give_the_naive_gradient(tmp_path, train_module, family
         sum(len(g.prompt) + len(r.completion) - 1 for g in groups for r in g.rollouts)
 
 
-def test_micro_batches_keep_every_rollout_once_within_the_budget(train_module):
-    groups = train_module.with_signal(random_groups(train_module, prompts=(5, 9, 3, 7, 20, 1), rollouts=6))
-    for budget in (1000, 60, 25, 1):
-        batches = train_module.micro_batches(groups, budget)
-        seen = sorted(id(r) for b in batches for g in b for r in g.rollouts)
-        assert seen == sorted(id(r) for g in groups for r in g.rollouts)
-        for b in batches:
-            assert train_module.padded_tokens(b) <= budget or (len(b) == 1 and len(b[0].rollouts) == 1)
-
-
 def test_a_step_without_signal_is_a_zero_gradient(tiny_qwen, train_module):
     model = M.Transformer.from_pretrained(tiny_qwen)
-    flat = [g for g in random_groups(train_module) if all(r.advantage == 0 for r in g.rollouts)]
-    record = train_module.accumulate_gradient(model, train_module.with_signal(flat), train_module.TrainConfig(),
+    flat = [g for g in random_groups() if all(r.advantage == 0 for r in g.rollouts)]
+    record = train_module.accumulate_gradient(model, RG.with_signal(flat), train_module.TrainConfig(),
                                               None, dict(total_tokens=1.0), torch.device("cpu"), 1000)
     assert record.forwarded_tokens == 0 and record.micro_batches == 0 and not record.bad_loss
     assert torch.equal(model.grad_buffer, torch.zeros_like(model.grad_buffer))
@@ -635,7 +580,7 @@ def parity_run(train, rounds, size=100, odd=True):
     task = train.Task(name="parity", prompts=[[i] for i in range(size)], answers=None, stop_token_ids=[], vocab_size=None,
                       skipped_prompts=0, reward=reward)
     cfg = train.TrainConfig(task="toy", rollouts=4, prompts_per_step=4, dynamic_sampling=rounds)
-    return SimpleNamespace(cfg=cfg, cluster=SimpleNamespace(rank=0), task=task, sampler=ParitySampler())
+    return SimpleNamespace(cfg=cfg, cluster=SimpleNamespace(rank=0, world=1), task=task, sampler=ParitySampler())
 
 
 def first_groups(train, run, indices):
@@ -644,7 +589,14 @@ def first_groups(train, run, indices):
     run.sampler.calls.clear()
     rewards, _ = run.task.reward([c.tokens for c in completions], [i for i in indices for _ in range(4)])
     import rloo
-    return train.as_groups(run.task, run.cfg, indices, completions, rloo.advantages(torch.tensor(rewards).view(-1, 4)))
+    return RG.as_groups([run.task.prompts[i] for i in indices], completions,
+                        rloo.advantages(torch.tensor(rewards).view(-1, 4)))
+
+
+def dynamic(train, run, step, groups):
+    """rl_step's dynamic sampling: rollout_groups.refill drawing with train.fresh_groups."""
+    import functools
+    return RG.refill(groups, run.cfg.dynamic_sampling, functools.partial(train.fresh_groups, run, step))
 
 
 def test_dynamic_sampling_replaces_prompts_without_signal(train_module):
@@ -652,15 +604,15 @@ def test_dynamic_sampling_replaces_prompts_without_signal(train_module):
     until the step holds 4 prompts with signal; the draws are seeded by step, so a resumed run
     draws the same; fresh prompts are sampled under offsets past the step's own prompts."""
     run = parity_run(train_module, rounds=5)
-    groups, draws = train_module.refill(run, 7, first_groups(train_module, run, [0, 1, 2, 3]))
-    assert len(groups) == 4 and all(map(train_module.has_signal, groups))
+    groups, draws = dynamic(train_module, run, 7, first_groups(train_module, run, [0, 1, 2, 3]))
+    assert len(groups) == 4 and all(map(RG.has_signal, groups))
     assert [g.prompt[0] % 2 for g in groups] == [1, 1, 1, 1] and groups[0].prompt == [1] and groups[1].prompt == [3]
     assert draws == sum(len(indices) for indices, _ in run.sampler.calls) and 2 <= draws <= 10
     assert [offset for _, offset in run.sampler.calls] == [4 * (r + 1) for r in range(len(run.sampler.calls))]
     again = parity_run(train_module, rounds=5)
-    assert train_module.refill(again, 7, first_groups(train_module, again, [0, 1, 2, 3])) == (groups, draws)
+    assert dynamic(train_module, again, 7, first_groups(train_module, again, [0, 1, 2, 3])) == (groups, draws)
     other = parity_run(train_module, rounds=5)
-    train_module.refill(other, 8, first_groups(train_module, other, [0, 1, 2, 3]))
+    dynamic(train_module, other, 8, first_groups(train_module, other, [0, 1, 2, 3]))
     assert other.sampler.calls != run.sampler.calls  # another step draws other prompts
 
 
@@ -669,7 +621,7 @@ def test_dynamic_sampling_is_bounded(train_module):
     with the prompts it was given."""
     run = parity_run(train_module, rounds=3, odd=False)
     given = first_groups(train_module, run, [0, 1, 2, 3])
-    groups, draws = train_module.refill(run, 0, given)
+    groups, draws = dynamic(train_module, run, 0, given)
     assert draws == 12 and len(run.sampler.calls) == 3 and groups == given
 
 
@@ -677,7 +629,7 @@ def test_out_of_memory_halves_the_micro_batch_and_gives_the_same_gradient(tiny_q
     model = M.Transformer.from_pretrained(tiny_qwen)
     with torch.no_grad():
         model.steering.copy_(0.1 * torch.randn_like(model.steering))
-    groups = train_module.with_signal(random_groups(train_module))
+    groups = RG.with_signal(random_groups())
     cfg = train_module.TrainConfig(task="toy")
     rows = [r for g in groups for r in g.rollouts]
     totals = dict(total_sequences=len(rows), max_completion_len=16,
@@ -692,7 +644,7 @@ def test_out_of_memory_halves_the_micro_batch_and_gives_the_same_gradient(tiny_q
     real_backward = train_module.backward
 
     def small_memory(model, batch, *a):  # "GPU memory" for 40 padded tokens per micro-batch
-        if train_module.padded_tokens(batch) > 40:
+        if RG.padded_tokens(batch) > 40:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real_backward(model, batch, *a)
     monkeypatch.setattr(train_module, "backward", small_memory)
