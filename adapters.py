@@ -3,9 +3,14 @@
 Every block calls its adapter at three fixed points (post_attn, down_proj, post_block: see
 model.py's docstring); `prepare` runs once per forward (scales and casts), so a point costs one
 method call. The tensors an adapter reads at those points are read in place, so a CUDA graph
-captured around the forward sees optimizer updates (see Transformer.adapter_key). A new adapter
-is one class here, overriding the points it uses, plus its name in ADAPTERS and its options in
-check_options.
+captured around the forward sees optimizer updates (see Transformer.adapter_key).
+
+An adapter kind is one class here, and it answers everything the rest of the code asks of a kind:
+its options and their checks (check_options, read_options from a file's metadata), how it is built
+on a model (create), its files (trains_base: a checkpoint folder or a safetensors file of its own
+tensors; latest_file, file_names and file_step for a run's checkpoints), its memory (saved_blocks,
+block_saved_bytes, head_bytes_per_row, state_bytes_per_trainable: memory.py's plan) and its metrics.
+A new kind is one class overriding what differs from Adapter's defaults, plus its name in ADAPTERS.
 """
 import math
 
@@ -13,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ADAPTERS = ("steering", "lora", "full")
 STEER_AT = ("post-block", "post-attn")
 
 
@@ -35,34 +39,62 @@ def parse_layers(spec: str, num_layers: int, flag: str = "--layers") -> tuple[in
     return tuple(sorted(layers))
 
 
-def check_options(kind, num_layers, layers, steer_at, lora_rank, lora_alpha) -> dict:
-    """Transformer.set_adapter's arguments checked, as the adapter's options() will be."""
-    if kind not in ADAPTERS:
-        raise ValueError(f"--adapter {kind}: unknown (one of {', '.join(ADAPTERS)})")
+def _layer_indices(num_layers: int | None, layers) -> tuple[int, ...] | None:
+    """set_adapter's `layers` (None / '' for every layer, a spec for parse_layers, or indices) as
+    sorted indices; None when num_layers is None (a flag checked before the model is known)."""
     if layers is not None and not isinstance(layers, str):
         if not len(layers):
             raise ValueError("--layers: no layer given")
         layers = ",".join(str(i) for i in layers)
-    layers = parse_layers(layers or "", num_layers)
-    if kind == "steering":
-        if steer_at not in STEER_AT:
-            raise ValueError(f"--steer-at {steer_at}: unknown (one of {', '.join(STEER_AT)})")
-        return dict(layers=layers, steer_at=steer_at)
-    if kind == "lora":
-        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
-            raise ValueError(f"--lora-rank {lora_rank}: must be an integer >= 1")
-        lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
-        if not lora_alpha > 0:
-            raise ValueError(f"--lora-alpha {lora_alpha}: must be > 0")
-        return dict(layers=layers, rank=lora_rank, alpha=lora_alpha)
-    if len(layers) != num_layers:
-        raise ValueError("--layers: full fine-tuning trains every layer (leave --layers empty)")
-    return {}
+    return None if num_layers is None else parse_layers(layers or "", num_layers)
+
+
+def adapter_class(adapter) -> type["Adapter"]:
+    """The class of an adapter kind, given by its name (--adapter, a file's 'kind'), its class or
+    an instance."""
+    if isinstance(adapter, Adapter):
+        return type(adapter)
+    if isinstance(adapter, type) and issubclass(adapter, Adapter):
+        return adapter
+    if adapter not in ADAPTERS:
+        raise ValueError(f"--adapter {adapter}: unknown (one of {', '.join(ADAPTERS)})")
+    return ADAPTERS[adapter]
 
 
 class Adapter(nn.Module):
-    kind = ""
+    kind = ""  # its name: --adapter, the 'kind' in its files' metadata, its checkpoint files' names
     base_fingerprint = None  # set by adapters that change the base weights (full)
+    # its trainable tensors are the base weights themselves: its file is the model's checkpoint folder,
+    # loading one overwrites the base in place, and the base must be read back to drop it
+    trains_base = False
+    keeps_history = True  # a run keeps {kind}-step{N} files beside the latest (see file_names)
+
+    # ---- its options ----
+
+    @classmethod
+    def check_options(cls, num_layers, layers=None, **flags) -> dict:
+        """set_adapter's arguments checked, as options() will return them; `flags` (steer_at,
+        lora_rank, lora_alpha) that are not this kind's are ignored. num_layers None: before the
+        model loads, layer indices cannot be checked yet (train_config.check_config)."""
+        _layer_indices(num_layers, layers)
+        return {}
+
+    @classmethod
+    def read_options(cls, meta: dict, num_layers: int) -> dict:
+        """The checked options a file's metadata (str -> str, written by save_adapter) describes."""
+        return cls.check_options(num_layers, cls._meta_layers(meta, num_layers))
+
+    @staticmethod
+    def _meta_layers(meta: dict, num_layers: int) -> tuple[int, ...]:
+        return parse_layers(meta.get("layers", ""), num_layers, "'layers'")
+
+    @classmethod
+    def create(cls, model, options: dict, device=None, dtype=torch.float32) -> "Adapter":
+        """A fresh adapter for `model` (model.py's Transformer) with checked `options`; its own
+        tensors on `device`, in `dtype` (fp32, or fp64 in a float64 model)."""
+        return cls()
+
+    # ---- where it enters the forward ----
 
     def prepare(self, dtype, scale):  # once per forward -> `state`, handed to every point
         return None
@@ -75,6 +107,8 @@ class Adapter(nn.Module):
 
     def post_block(self, layer, h, state):  # h (B, T, d): after the MLP residual
         return h
+
+    # ---- what it is, and what trains ----
 
     def options(self) -> dict:  # what rebuilds it (and its file's metadata): layers, steer_at, rank, alpha
         return {}
@@ -91,11 +125,62 @@ class Adapter(nn.Module):
     def after_step(self):  # after optimizer.step(): bring the forward's tensors up to date
         pass
 
+    def base_loaded(self, base_fingerprint: str):  # trains_base: the weights were just read from its folder
+        pass
+
     def close(self):  # undo what the adapter did to the base model, before it is replaced
         pass
 
     def metrics(self) -> dict:  # its own numbers for each metrics.jsonl line
         return {}
+
+    # ---- its files in a run directory (run_lifecycle.save_checkpoint, eval.py --checkpoints) ----
+
+    @classmethod
+    def latest_file(cls) -> str:
+        """The latest checkpoint's name in a run directory (what eval.py and sample.py read)."""
+        return f"{cls.kind}.safetensors"
+
+    @classmethod
+    def step_file(cls, step) -> str:
+        return f"{cls.kind}-step{step}.safetensors"
+
+    @classmethod
+    def file_names(cls, step: int) -> list[str]:
+        """What a checkpoint at `step` writes, in order: the history file (if kept), then the latest."""
+        return ([cls.step_file(step)] if cls.keeps_history else []) + [cls.latest_file()]
+
+    @classmethod
+    def file_step(cls, name: str) -> int | None:
+        """The step of a history file's name, None for any other name."""
+        head, _, tail = cls.step_file("\0").partition("\0")
+        digits = name[len(head):len(name) - len(tail)] if name.startswith(head) and name.endswith(tail) else ""
+        return int(digits) if cls.keeps_history and digits.isdigit() else None
+
+    # ---- its memory, per model Config and compute dtype (memory.py's plan) ----
+
+    @classmethod
+    def saved_blocks(cls, cfg) -> int:
+        """Blocks whose activations autograd saves for this adapter's gradient."""
+        return cfg.num_layers
+
+    @classmethod
+    def block_saved_bytes(cls, cfg, dtype: torch.dtype) -> int:
+        """Bytes per token a block saves for this adapter beyond what a frozen block saves."""
+        return 0
+
+    @classmethod
+    def head_bytes_per_row(cls, cfg, dtype: torch.dtype, past_one_chunk: bool) -> int:
+        """The head's transient per row of a chunk, with the head frozen: (V,) fp32 logits with a
+        16-bit copy beside them (the model dtype's matmul output, then p cast back for E_p[W]); past
+        one chunk the previous chunk's logits are still referenced while the next is computed."""
+        size = dtype.itemsize
+        return cfg.vocab_size * (4 + (size if size < 4 else 0) + (4 if past_one_chunk else 0))
+
+    @classmethod
+    def state_bytes_per_trainable(cls, dtype: torch.dtype) -> int:
+        """Training state per trainable number: its own fp32 tensor, its gradient, AdamW's 2 moments."""
+        return 4 * torch.promote_types(dtype, torch.float32).itemsize
 
 
 class Steering(Adapter):
@@ -111,6 +196,23 @@ class Steering(Adapter):
         listed = set(layers)
         self.at_attn = tuple(i in listed and steer_at == "post-attn" for i in range(num_layers))
         self.at_block = tuple(i in listed and steer_at == "post-block" for i in range(num_layers))
+
+    @classmethod
+    def check_options(cls, num_layers, layers=None, steer_at="post-block", **flags):
+        layers = _layer_indices(num_layers, layers)
+        if steer_at not in STEER_AT:
+            raise ValueError(f"--steer-at {steer_at}: unknown (one of {', '.join(STEER_AT)})")
+        return dict(layers=layers, steer_at=steer_at)
+
+    @classmethod
+    def read_options(cls, meta, num_layers):
+        steer_at = meta.get("steer_at", "post-block")  # files from before post-attn name none
+        return cls.check_options(num_layers, cls._meta_layers(meta, num_layers), steer_at=steer_at)
+
+    @classmethod
+    def create(cls, model, options, device=None, dtype=torch.float32):
+        cfg = model.config
+        return cls(cfg.num_layers, cfg.hidden_size, **options, device=device, dtype=dtype)
 
     def prepare(self, dtype, scale):
         return (scale * self.steering).to(dtype)  # (L, d), added in the compute dtype
@@ -130,6 +232,10 @@ class Steering(Adapter):
     def metrics(self):
         return dict(steering_norm=self.steering.detach().norm(dim=1).tolist())  # (L,): one norm per layer
 
+    @classmethod
+    def saved_blocks(cls, cfg):  # block 0 sees no trainable input: it saves nothing
+        return cfg.num_layers - 1
+
 
 class LoRA(Adapter):
     """down_proj(x) + (alpha / r) B A x on the listed layers, as PEFT's LoRA (no dropout, PEFT's
@@ -148,6 +254,26 @@ class LoRA(Adapter):
         self.layers, self.rank, self.alpha, self.scale = layers, rank, alpha, alpha / rank
         self.slot = tuple(layers.index(i) if i in layers else None for i in range(num_layers))
 
+    @classmethod
+    def check_options(cls, num_layers, layers=None, lora_rank=4, lora_alpha=None, **flags):
+        layers = _layer_indices(num_layers, layers)
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+            raise ValueError(f"--lora-rank {lora_rank}: must be an integer >= 1")
+        lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
+        if not lora_alpha > 0:
+            raise ValueError(f"--lora-alpha {lora_alpha}: must be > 0")
+        return dict(layers=layers, rank=lora_rank, alpha=lora_alpha)
+
+    @classmethod
+    def read_options(cls, meta, num_layers):
+        rank, alpha = int(meta["rank"]), float(meta["alpha"])
+        return cls.check_options(num_layers, cls._meta_layers(meta, num_layers), lora_rank=rank, lora_alpha=alpha)
+
+    @classmethod
+    def create(cls, model, options, device=None, dtype=torch.float32):
+        cfg = model.config
+        return cls(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, **options, device=device, dtype=dtype)
+
     def prepare(self, dtype, scale):
         return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
@@ -161,6 +287,10 @@ class LoRA(Adapter):
     def options(self):
         return dict(layers=self.layers, rank=self.rank, alpha=self.alpha)
 
+    @classmethod
+    def block_saved_bytes(cls, cfg, dtype):  # down_proj's input, for A's gradient
+        return cfg.intermediate_size * dtype.itemsize
+
 
 class Full(Adapter):
     """Every base weight trains. The optimizer updates fp32 tensors: the weights themselves in an
@@ -171,6 +301,8 @@ class Full(Adapter):
     16-bit weights IN PLACE: the sampler and its CUDA graphs read the same storage, so the trainer ->
     sampler weight sync is 0 bytes."""
     kind = "full"
+    trains_base = True
+    keeps_history = False  # each would be a whole model: only the latest folder
 
     def __init__(self, weights: list, base_fingerprint: str):
         super().__init__()
@@ -179,6 +311,18 @@ class Full(Adapter):
         self.masters, self.hooks = None, []
         for w in weights:
             w.requires_grad_(True)
+
+    @classmethod
+    def check_options(cls, num_layers, layers=None, **flags):
+        listed = _layer_indices(num_layers, layers)
+        if (bool(layers) if listed is None else len(listed) != num_layers):
+            raise ValueError("--layers: full fine-tuning trains every layer (leave --layers empty)")
+        return {}
+
+    @classmethod
+    def create(cls, model, options, device=None, dtype=torch.float32):
+        """The model's own weights; the base they came from keeps its fingerprint across fine-tunes."""
+        return cls(list(model.base_weights().values()), model.adapter.base_fingerprint or model.fingerprint())
 
     def trainable(self):
         master_dtype = torch.promote_types(self.weights[0].dtype, torch.float32)
@@ -206,9 +350,36 @@ class Full(Adapter):
         for w, m in zip(self.weights, self.masters or ()):
             w.copy_(m)
 
+    @torch.no_grad()
+    def base_loaded(self, base_fingerprint):
+        self.base_fingerprint = base_fingerprint
+        for w, m in zip(self.weights, self.masters or ()):  # the masters (when training made them) follow
+            m.copy_(w)
+
     def close(self):
         for h in self.hooks:
             h.remove()
         for w in self.weights:
             w.requires_grad_(False)
             w.grad = None
+
+    @classmethod
+    def latest_file(cls):  # a checkpoint folder
+        return cls.kind
+
+    @classmethod
+    def block_saved_bytes(cls, cfg, dtype):  # every linear's input and each norm's normalised x
+        return (4 * cfg.hidden_size + cfg.intermediate_size) * dtype.itemsize
+
+    @classmethod
+    def head_bytes_per_row(cls, cfg, dtype, past_one_chunk):
+        """A trained head recomputes each chunk in backward with its gradient: ~3 fp32 copies."""
+        return cfg.vocab_size * 12
+
+    @classmethod
+    def state_bytes_per_trainable(cls, dtype):  # the weight is the base's; fp32 masters for 16-bit weights
+        f32 = torch.promote_types(dtype, torch.float32).itemsize
+        return (f32 if dtype.itemsize < f32 else 0) + 3 * f32  # (+ master) + grad + 2 moments
+
+
+ADAPTERS = {cls.kind: cls for cls in (Steering, LoRA, Full)}  # --adapter NAME; a new kind: its class here

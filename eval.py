@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import adapters
 import cluster
 import data
 import hub
@@ -193,26 +194,28 @@ def is_run_dir(path: Path) -> bool:
 
 
 def run_checkpoints(run_dir: Path, which: str) -> list[tuple[Path, int | None]]:
-    """The adapter files of a train.py run directory that --checkpoints asks for, oldest first:
-    {adapter}.safetensors is the latest, {adapter}-step{N}.safetensors the history (train.py's
-    layout; full fine-tuning keeps only its latest folder, full/)."""
-    try:
-        kind = json.loads((run_dir / "config.json").read_text()).get("adapter", "steering")
+    """The adapter files of a train.py run directory that --checkpoints asks for, oldest first: the
+    run's adapter names them (Adapter.latest_file, and its history {kind}-step{N}.safetensors, when
+    it keeps one: full fine-tuning keeps only its latest folder, full/)."""
+    try:  # runs from before adapters wrote no 'adapter': steering
+        kind = json.loads((run_dir / "config.json").read_text()).get("adapter", adapters.Steering.kind)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--steering {run_dir}: unreadable config.json ({e})") from None
-    prefix = f"{kind}-step"
-    history = {int(f.name[len(prefix):-len(".safetensors")]): f for f in run_dir.glob(f"{prefix}*.safetensors")
-               if f.name[len(prefix):-len(".safetensors")].isdigit()}
-    if which == "last" or kind == "full":
-        latest = run_dir / ("full" if kind == "full" else f"{kind}.safetensors")
+    if kind not in adapters.ADAPTERS:
+        raise ValueError(f"--steering {run_dir}: config.json names an unknown adapter '{kind}'")
+    adapter = adapters.ADAPTERS[kind]
+    history = {step: f for f in run_dir.iterdir() if (step := adapter.file_step(f.name)) is not None}
+    if which == "last" or not adapter.keeps_history:
+        latest = run_dir / adapter.latest_file()
         if which != "last":
-            raise ValueError(f"--checkpoints {which}: a full fine-tuning run keeps only its latest weights ({latest})")
+            raise ValueError(f"--checkpoints {which}: a run of the '{kind}' adapter keeps only its latest weights "
+                             f"({latest})")
         if not latest.exists():
             raise FileNotFoundError(f"--steering {run_dir}: no {latest.name} (not a train.py run directory, "
                                     "or no checkpoint yet)")
         return [(latest, max(history) if history else None)]
     if not history:
-        raise FileNotFoundError(f"--steering {run_dir}: no {prefix}{{N}}.safetensors checkpoints")
+        raise FileNotFoundError(f"--steering {run_dir}: no {adapter.step_file('{N}')} checkpoints")
     steps = sorted(history) if which in ("all", "best") else [int(x) for x in which.split(",")]
     missing = [s for s in steps if s not in history]
     if missing:
@@ -441,9 +444,9 @@ def apply_setup(model: M.Transformer, setup: Setup, scale: float, base_folder: P
     """The row's adapter on the model: none (the base: a zero steering vector), a steering or
     LoRA file, or a full fine-tuning folder (its weights, loaded in place). After a full row the
     base weights are read back from `base_folder`, so every later row starts from the base."""
-    if model.adapter.kind == "full":
+    if model.adapter.trains_base:
         M.load_weights(model, base_folder, model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
-    if setup.steering is None or model.adapter.kind == "full":
+    if setup.steering is None or model.adapter.trains_base:
         model.set_adapter("steering")  # zeros: the base model
     if setup.steering is not None:
         model.load_adapter(setup.steering)
@@ -493,12 +496,8 @@ def main(argv=None):
     tasks = {b: math_task(cfg.model, b, "test", tokenizer=cfg.tokenizer, data_dir=cfg.data_dir, limit=cfg.limit,
                           wrong=0.0, pool=pool) for b in names}
     vocab_size = next(iter(tasks.values())).vocab_size
-    dtype = M.auto_dtype(c.device) if cfg.dtype == "auto" else cfg.dtype
     available = memory.available_bytes(c.device)  # before the weights load: the plan counts them
-    model = M.Transformer.from_pretrained(cfg.model, dtype=dtype, device=c.device)
-    if vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {vocab_size} tokens but {cfg.model} only "
-                         f"{model.config.vocab_size} embedding rows: wrong --tokenizer?")
+    model, _ = M.load_for_cli(cfg.model, cfg.tokenizer, cfg.dtype, c.device)
     cfg = resolve_lengths(cfg, model.config.max_position_embeddings)
     # the KV pool from the memory plan: one generate call's sequences at once (--batch-prompts x the
     # most samples per problem), at most 90 % of what the weights leave (no backward here)
@@ -519,7 +518,8 @@ def main(argv=None):
     sampler = Sampler(model, vocab_size=vocab_size, kv_cache_tokens=plan.kv_cache_tokens,
                       max_seq_len=longest)
 
-    total = sum(len(tasks[b].share(c.rank, c.world)) * samples_per_problem(cfg, b, s.temperature) * len(s.seeds) for s in setups for b in names)
+    total = sum(len(tasks[b].share(c.rank, c.world)) * samples_per_problem(cfg, b, s.temperature) * len(s.seeds)
+                for s in setups for b in names)
     progress = tqdm(total=total, unit="sample", disable=not (c.is_main and sys.stderr.isatty()))
     started, records = time.time(), []
     for setup in setups:

@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+import model as M
+
 DEFAULT_FILE = "steering.safetensors"
 # org/name, each part starting with a letter or digit (so "./x" or "../x" is never a repo id)
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -62,22 +64,6 @@ def _download(repo: str, filename: str) -> Path:
 # Publishing
 
 
-def steering_info(path: Path) -> tuple[dict, tuple[int, ...]]:
-    """The metadata and the shape of a steering file's one tensor 'steering' (nothing else is read)."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, names = f.metadata() or {}, list(f.keys())
-            if names != ["steering"]:
-                raise ValueError(f"{path}: expected one tensor 'steering', found {names}")
-            shape = tuple(f.get_slice("steering").get_shape())
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    if len(shape) != 2:
-        raise ValueError(f"{path}: tensor 'steering' has shape {shape}, expected (layers, hidden size)")
-    return meta, shape
-
-
 def model_card(repo: str, meta: dict, shape: tuple[int, ...], config: dict | None, eval_table: str | None) -> str:
     """README.md of a steering repo: what it is, how to use it, and where it came from."""
     base = meta.get("base_model", "")
@@ -113,11 +99,10 @@ def push(file: str, repo: str, private: bool = False, eval_dir: str | None = Non
     """Upload a steering file, its model card and its run's config.json to `repo` in one commit;
     returns the paths written in the repo. dry_run prints the card instead of uploading."""
     path = Path(file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{file} is not a file")
+    vectors, meta = M.read_steering(path)  # refuses anything but a steering file
+    shape = tuple(vectors.shape)
     if not _REPO_ID.fullmatch(repo):
         raise ValueError(f"--repo {repo!r} is not a hub repo id 'org/name'")
-    meta, shape = steering_info(path)
     config_file = path.parent / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else None
     eval_table = None

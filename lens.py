@@ -776,42 +776,15 @@ def draw_scale(plt, result):
 # Loading
 
 
-def read_steering(path) -> tuple[torch.Tensor, dict]:
-    """The (L, d) vectors and the metadata of a steering file; any other file is refused by name."""
-    from safetensors import SafetensorError, safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--steering: {path} is not a file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, names = f.metadata() or {}, list(f.keys())
-            kind = meta.get("kind", "steering")
-            if kind != "steering":
-                raise ValueError(f"{path} is a '{kind}' adapter file, not a steering file: lens.py reads "
-                                 "steering vectors only")
-            if names != ["steering"]:
-                shown = names[:4] + (["..."] if len(names) > 4 else [])
-                raise ValueError(f"{path} holds tensors {shown}, not the one tensor 'steering' of a steering file")
-            vectors = f.get_tensor("steering")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"steering file {path}: unreadable or corrupt ({e})") from None
-    if vectors.ndim != 2:
-        raise ValueError(f"{path}: tensor 'steering' has shape {tuple(vectors.shape)}, expected (L, d)")
-    return vectors.float(), meta
-
-
 def load_study(args) -> tuple[Study, dict, str]:
-    _, meta = read_steering(args.steering)
+    _, meta = M.read_steering(args.steering)
     model_id = args.model or meta.get("base_model")
     if not model_id:
         raise ValueError(f"{args.steering} names no base_model in its metadata: pass --model")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = M.auto_dtype(device) if args.dtype == "auto" else args.dtype
-    model = M.Transformer.from_pretrained(model_id, dtype=dtype, device=device)
+    model, tokenizer = M.load_for_cli(model_id, args.tokenizer, args.dtype, device)
     model.load_steering(args.steering)
-    tokenizer = data.Tokenizer.from_dir(args.tokenizer or M.resolve_checkpoint(model_id))
-    vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
-    study = Study(model, tokenizer, model.steering.detach().clone(), vocab_size)
+    study = Study(model, tokenizer, model.steering.detach().clone(), tokenizer.vocab_size)
     if getattr(args, "bench", None):
         for flag in ("limit", "samples", "max_new_tokens", "batch_size"):
             if getattr(args, flag) < 1:

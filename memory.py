@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import model as M
+from adapters import Steering, adapter_class
 
 GiB, KiB = 2 ** 30, 2 ** 10
 HEADROOM = 0.15  # share of available memory never planned: estimate error (< 10 %), allocator caches, NCCL
@@ -75,33 +76,32 @@ def weight_count(cfg: M.Config) -> int:
     return cfg.num_layers * block + cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
 
 
-def saved_bytes_per_token(cfg: M.Config, dtype: torch.dtype, recompute: bool, adapter: str = "steering") -> int:
+def saved_bytes_per_token(cfg: M.Config, dtype: torch.dtype, recompute: bool, adapter=Steering) -> int:
     """Bytes autograd keeps per token until the backward reaches them (base linears are frozen and
     save no input). Per block: SDPA's q, k, v, output and fp32 logsumexp; the MLP's gate,
-    silu(gate) and up; each RMSNorm's fp32 input. LoRA adds down_proj's input (for A's gradient),
-    full fine-tuning every linear's input and each norm's normalised x. With steering after every
-    block, block 0 sees no trainable input and saves nothing. Once: the final norm's fp32 input,
-    rope's cos and sin, the head's E_p[W] (d) and its int64 indices. With recompute only each
-    block's input stays (and the once-terms)."""
+    silu(gate) and up; each RMSNorm's fp32 input; plus what the adapter's gradient needs
+    (Adapter.block_saved_bytes), in the blocks that see a trainable input (Adapter.saved_blocks).
+    Once: the final norm's fp32 input, rope's cos and sin, the head's E_p[W] (d) and its int64
+    indices. With recompute only each block's input stays (and the once-terms). `adapter`: an
+    adapter kind's name or class (adapters.py), here and below."""
     size, f32 = dtype.itemsize, torch.promote_types(dtype, torch.float32).itemsize
     d, D = cfg.hidden_size, cfg.head_dim
     once = f32 * d + 2 * D * size + d * size + 24
     if recompute:
         return cfg.num_layers * d * size + once
-    blocks = cfg.num_layers - 1 if adapter == "steering" else cfg.num_layers
-    return blocks * block_bytes_per_token(cfg, dtype, adapter) + once
+    adapter = adapter_class(adapter)
+    return adapter.saved_blocks(cfg) * block_bytes_per_token(cfg, dtype, adapter) + once
 
 
-def block_bytes_per_token(cfg: M.Config, dtype: torch.dtype, adapter: str = "steering") -> int:
+def block_bytes_per_token(cfg: M.Config, dtype: torch.dtype, adapter=Steering) -> int:
     """What one block saves per token (see saved_bytes_per_token)."""
     size, f32 = dtype.itemsize, torch.promote_types(dtype, torch.float32).itemsize
     d, ffn = cfg.hidden_size, cfg.intermediate_size
     attn = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * size + 4 * cfg.num_heads
-    extra = {"steering": 0, "lora": ffn * size, "full": (4 * d + ffn) * size}[adapter]
-    return attn + 3 * ffn * size + 2 * f32 * d + extra
+    return attn + 3 * ffn * size + 2 * f32 * d + adapter_class(adapter).block_saved_bytes(cfg, dtype)
 
 
-def activation_bytes_per_token(cfg: M.Config, dtype: torch.dtype, recompute: bool, adapter: str = "steering") -> int:
+def activation_bytes_per_token(cfg: M.Config, dtype: torch.dtype, recompute: bool, adapter=Steering) -> int:
     """Peak bytes per padded token of a backward micro-batch (the head's chunk comes on top): what is
     saved, plus a block's backward (~3 ffn-sized gradients at once), plus with recompute the
     activations of the one block being redone."""
@@ -111,15 +111,11 @@ def activation_bytes_per_token(cfg: M.Config, dtype: torch.dtype, recompute: boo
     return saved_bytes_per_token(cfg, dtype, recompute, adapter) + transient
 
 
-def head_bytes(cfg: M.Config, dtype: torch.dtype, tokens: int, adapter: str = "steering") -> int:
-    """The head's transient: (chunk, V) fp32 logits, with a 16-bit copy beside them (the model dtype's
-    matmul output, then p cast back for E_p[W]); past one chunk the previous chunk's logits are still
-    referenced while the next is computed. A trained head (full) recomputes each chunk in backward
-    with its gradient: ~3 fp32 copies."""
-    rows, V = min(HEAD_CHUNK, tokens), cfg.vocab_size
-    if adapter == "full":
-        return rows * V * 12
-    return rows * V * (4 + (dtype.itemsize if dtype.itemsize < 4 else 0) + (4 if tokens > HEAD_CHUNK else 0))
+def head_bytes(cfg: M.Config, dtype: torch.dtype, tokens: int, adapter=Steering) -> int:
+    """The head's transient: one chunk of rows at a time, each row's bytes as the adapter says
+    (Adapter.head_bytes_per_row: a frozen head, or a trained one)."""
+    rows = min(HEAD_CHUNK, tokens)
+    return rows * adapter_class(adapter).head_bytes_per_row(cfg, dtype, tokens > HEAD_CHUNK)
 
 
 def sampling_bytes(cfg: M.Config, dtype: torch.dtype, sequences: int, prefill_tokens=SAMPLER_MAX_BATCH_TOKENS,
@@ -164,7 +160,7 @@ class Plan:
         return cls(**json.loads(text))
 
 
-def plan(cfg: M.Config, dtype, device, *, available: int, adapter: str = "steering", trainable: int,
+def plan(cfg: M.Config, dtype, device, *, available: int, adapter=Steering, trainable: int,
          sequences: int, longest: int, backward: bool = True, micro_batch_tokens: int | None = None,
          recompute: bool | None = None, kv_cache_tokens: int | None = None, gpu_memory_fraction: float = 0.5,
          block_size: int = 16, share: int = 1) -> Plan:
@@ -180,9 +176,8 @@ def plan(cfg: M.Config, dtype, device, *, available: int, adapter: str = "steeri
     dtype, device = M.resolve_dtype(dtype, None), torch.device(device)
     usable = int(available * (1 - HEADROOM)) // share
     weights = weight_count(cfg) * dtype.itemsize
-    f32 = torch.promote_types(dtype, torch.float32).itemsize
-    masters = f32 if adapter == "full" and dtype.itemsize < f32 else 0
-    state = trainable * (masters + 3 * f32 + (f32 if adapter != "full" else 0))  # (+ param) + grad + 2 moments
+    adapter = adapter_class(adapter)
+    state = trainable * adapter.state_bytes_per_trainable(dtype)  # (param or master) + grad + 2 moments
     left = usable - weights - state
     where = f"{device.type}, {available / GiB:.1f} GiB available, {usable / GiB:.1f} GiB planned"
     if left <= 0:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from adapters import ADAPTERS, Adapter, Full, LoRA, Steering, check_options, parse_layers
+from adapters import ADAPTERS, Adapter, Steering, adapter_class
 
 # -----------------------------------------------------------------------------
 # Config: read both dialects of config.json (hub checkpoints keep rope_theta / rope_scaling at
@@ -235,12 +235,12 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def __getattr__(self, name):
-        # `model.steering` (the DESIGN contract) is the steering adapter's (L, d) parameter. It is
-        # resolved here rather than by a property because nn.Module's __getattr__ would replace a
-        # property's AttributeError by a generic one.
+        # `model.steering` (a public contract: ../shared/DESIGN.md) is the steering adapter's (L, d)
+        # parameter. It is resolved here rather than by a property because nn.Module's __getattr__
+        # would replace a property's AttributeError by a generic one.
         if name == "steering":
             adapter = super().__getattr__("adapter")
-            if adapter.kind != "steering":
+            if not isinstance(adapter, Steering):
                 raise AttributeError(f"model.steering: the adapter is '{adapter.kind}', not steering "
                                      "(see model.adapter, model.trainable_parameters())")
             return adapter.steering
@@ -288,23 +288,20 @@ class Transformer(nn.Module):
         weights (full). `layers`: None / '' (all), a spec for parse_layers, or indices; `lora_alpha`
         None means alpha = rank (scale 1). Options that do not apply to `kind` are ignored.
         Parameters are fp32 (fp64 in a float64 model) on the model's device."""
-        options = check_options(kind, self.config.num_layers, layers, steer_at, lora_rank, lora_alpha)
-        fingerprint = (self.adapter.base_fingerprint or self.fingerprint()) if kind == "full" else None
-        self.adapter.close()
-        if kind == "full":
-            self.adapter = Full(list(self.base_weights().values()), fingerprint)
-        else:
-            self.adapter = self._new_adapter(kind, options)
+        cls = adapter_class(kind)
+        options = cls.check_options(self.config.num_layers, layers, steer_at=steer_at, lora_rank=lora_rank,
+                                    lora_alpha=lora_alpha)
+        return self._replace_adapter(cls, options)
+
+    def _replace_adapter(self, cls, options) -> Adapter:
+        self.adapter.close()  # first: an adapter of the base weights (full) takes them over from here
+        self.adapter = self._new_adapter(cls, options)
         self.grad_buffer = None  # the next reset_grads makes the new adapter's
         return self.adapter
 
-    def _new_adapter(self, kind, options) -> Adapter:
+    def _new_adapter(self, cls, options) -> Adapter:
         base = self.embed_tokens.weight
-        device, dtype = base.device, torch.promote_types(base.dtype, torch.float32)
-        if kind == "steering":
-            return Steering(self.config.num_layers, self.config.hidden_size, **options, device=device, dtype=dtype)
-        cfg = self.config
-        return LoRA(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, **options, device=device, dtype=dtype)
+        return cls.create(self, options, device=base.device, dtype=torch.promote_types(base.dtype, torch.float32))
 
     def trainable_parameters(self) -> list:
         """The fp32 tensors the optimizer updates (nanoGPT's configure_optimizers, on the model)."""
@@ -375,7 +372,7 @@ class Transformer(nn.Module):
                 "num_layers": str(cfg.num_layers), "hidden_size": str(cfg.hidden_size)}
         meta.update({k: ",".join(map(str, v)) if k == "layers" else str(v) for k, v in adapter.options().items()})
         meta.update({k: str(v) for k, v in metadata.items()})
-        if adapter.kind == "full":
+        if adapter.trains_base:
             return save_checkpoint_folder(self, Path(path), meta)
         from safetensors.torch import save_file
         if tensors is None:
@@ -391,28 +388,25 @@ class Transformer(nn.Module):
         path = Path(path)
         meta = adapter_metadata(path)
         where, kind = f"adapter {'folder' if path.is_dir() else 'file'} {path}", meta["kind"]
-        if kind not in ADAPTERS or (kind == "full") != path.is_dir():
+        cls = ADAPTERS.get(kind)
+        if cls is None or cls.trains_base != path.is_dir():
+            folders = ", ".join(name for name, c in ADAPTERS.items() if c.trains_base)
             raise ValueError(f"{where}: adapter kind '{kind}' is unknown or does not match the path (one of "
-                             f"{', '.join(ADAPTERS)}; full fine-tuning is a folder, the others a file)")
+                             f"{', '.join(ADAPTERS)}; {folders}: a folder, the others a file)")
         theirs, ours = meta.get("base_fingerprint"), self.adapter.base_fingerprint or self.fingerprint()
         if check_base and theirs and theirs != ours:
             raise ValueError(f"{where} was made for base model '{meta.get('base_model')}', whose weights differ "
                              f"from '{self.config.name}' (fingerprint {theirs} != {ours}); pass check_base=False "
                              "to load it anyway")
         try:
-            rank, alpha = (int(meta["rank"]), float(meta["alpha"])) if kind == "lora" else (None, None)
-            layers = parse_layers(meta.get("layers", ""), self.config.num_layers, "'layers'")
-            options = check_options(kind, self.config.num_layers, layers, meta.get("steer_at", "post-block"), rank, alpha)
+            options = cls.read_options(meta, self.config.num_layers)
         except (KeyError, ValueError) as e:
             raise ValueError(f"{where}: bad metadata ({e})") from None
-        if kind == "full":
-            load_weights(self, path, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)  # in place
-            if self.adapter.kind != "full":
-                self.set_adapter("full")
-            self.adapter.base_fingerprint = theirs or ours
-            with torch.no_grad():  # the masters (when training made them) from the loaded weights
-                for w, m in zip(self.adapter.weights, self.adapter.masters or ()):
-                    m.copy_(w)
+        if cls.trains_base:  # a checkpoint folder: the base weights themselves, overwritten in place
+            load_weights(self, path, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+            if type(self.adapter) is not cls or self.adapter.options() != options:
+                self._replace_adapter(cls, options)
+            self.adapter.base_loaded(theirs or ours)
             return meta
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -420,8 +414,8 @@ class Transformer(nn.Module):
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{where}: unreadable or corrupt ({e})") from None
-        same = self.adapter.kind == kind and self.adapter.options() == options
-        target = self.adapter if same else self._new_adapter(kind, options)
+        same = type(self.adapter) is cls and self.adapter.options() == options
+        target = self.adapter if same else self._new_adapter(cls, options)
         want = dict(target.named_parameters())
         if sorted(tensors) != sorted(want):
             raise ValueError(f"{where}: expected tensor(s) {sorted(want)} for a {kind} adapter, "
@@ -439,16 +433,15 @@ class Transformer(nn.Module):
         return meta
 
     def save_steering(self, path, **metadata):
-        """save_adapter for the steering adapter (DESIGN contract)."""
-        if self.adapter.kind != "steering":
+        """save_adapter for the steering adapter (a public contract: ../shared/DESIGN.md)."""
+        if not isinstance(self.adapter, Steering):
             raise ValueError(f"save_steering: the adapter is '{self.adapter.kind}', not steering (use save_adapter)")
         self.save_adapter(path, **metadata)
 
     def load_steering(self, path, check_base=True) -> dict:
-        """load_adapter, refusing files of other adapter kinds (DESIGN contract)."""
-        kind = adapter_metadata(path)["kind"]
-        if kind != "steering":
-            raise ValueError(f"{path}: a '{kind}' adapter file, not a steering file")
+        """load_adapter for a steering file, any other file refused by read_steering (a public
+        contract: ../shared/DESIGN.md)."""
+        read_steering(path)
         return self.load_adapter(path, check_base)
 
     @classmethod
@@ -509,6 +502,22 @@ def resolve_dtype(dtype, config_dtype) -> torch.dtype:
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype {dtype} is not supported (use float32, float16 or bfloat16)")
     return dtype
+
+
+def load_for_cli(model_id, tokenizer=None, dtype="auto", device="cpu") -> tuple:
+    """(Transformer, data.Tokenizer) for a command line (eval.py, sample.py, lens.py): the tokenizer
+    from its folder (`tokenizer`, else the model's), read first so that its errors come before the
+    weights load; the model by from_pretrained in `dtype` ('auto': auto_dtype of `device`). A
+    tokenizer with more tokens than the model has embedding rows is refused (a wrong --tokenizer);
+    fewer is usual (the padded rows of Qwen2.5's head: samplers take the tokenizer's vocab_size)."""
+    import data  # the tokenizer's home; data/ imports nothing of ours, so the imports stay one-way
+    tok = data.Tokenizer.from_dir(tokenizer or resolve_checkpoint(model_id))
+    dtype = auto_dtype(device) if dtype == "auto" else dtype
+    model = Transformer.from_pretrained(model_id, dtype=dtype, device=device)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but {model_id} only "
+                         f"{model.config.vocab_size} embedding rows: wrong --tokenizer?")
+    return model, tok
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -602,7 +611,34 @@ def adapter_metadata(path) -> dict:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise ValueError(f"adapter file {path}: unreadable or corrupt ({e})") from None
-    return {"kind": "steering", **meta}
+    return {"kind": Steering.kind, **meta}  # steering files from before adapters name no kind
+
+
+def read_steering(path) -> tuple[torch.Tensor, dict]:
+    """The (L, d) vectors (fp32) and the metadata (as stored) of a steering file: the one reader of
+    steering files (load_steering, lens.py, hub.py). Refused by name: a path that is not a file, an
+    unreadable file, another adapter kind's file, tensors other than the one 'steering' (L, d)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"steering file {path} is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, names = f.metadata() or {}, list(f.keys())
+            kind = meta.get("kind", Steering.kind)  # files from before adapters name no kind
+            if kind != Steering.kind:
+                raise ValueError(f"{path} is a '{kind}' adapter file, not a steering file")
+            if names != ["steering"]:
+                shown = names[:4] + (["..."] if len(names) > 4 else [])
+                raise ValueError(f"{path} holds tensors {shown}, not the one tensor 'steering' of a steering file "
+                                 "(expected one tensor 'steering', (L, d))")
+            vectors = f.get_tensor("steering")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"steering file {path}: unreadable or corrupt, not a readable safetensors file "
+                         f"({e})") from None
+    if vectors.ndim != 2:
+        raise ValueError(f"{path}: tensor 'steering' has shape {tuple(vectors.shape)}, expected (L, d)")
+    return vectors.float(), meta
 
 
 def atomic_write(path: Path, write):

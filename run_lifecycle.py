@@ -56,24 +56,23 @@ def write_text(path: Path, text: str):
 
 def save_checkpoint(run_dir: Path, model, optimizer, cfg, step: int, epoch: int, offset: int,
                     skipped_steps: int, data_fingerprint: str, snapshot=None):
-    """The adapter file: {kind}-step{N}.safetensors (the history: a few KB each for steering) and
-    {kind}.safetensors (the latest, the file eval.py reads; full fine-tuning: the folder full/, no
-    history: each would be a whole model), then checkpoint.pt: the checkpoint is the commit point,
-    and resuming reads nothing else. A full or unwritable disk stops the run with the path named;
+    """The adapter's files, as it names them (Adapter.file_names): {kind}-step{N}.safetensors (the
+    history: a few KB each for steering) and {kind}.safetensors (the latest, the file eval.py reads;
+    full fine-tuning: the folder full/, no history: each would be a whole model), then checkpoint.pt:
+    the checkpoint is the commit point, and resuming reads nothing else. A full or unwritable disk stops the run with the path named;
     every file is renamed into place only once complete, so the previous checkpoint stays intact.
     With a `snapshot` (StopSignals) the trainable state comes from that CPU copy, not the live model:
     nothing here then touches the device."""
-    kind = model.adapter.kind
     if snapshot is not None:
         names = [name for name, _ in model.adapter.named_parameters()]  # steering / LoRA: trainable() order
-        tensors, trainable, optimizer_state = dict(zip(names, snapshot.trainable)), snapshot.trainable, snapshot.optimizer
+        tensors, trainable = dict(zip(names, snapshot.trainable)), snapshot.trainable
+        optimizer_state = snapshot.optimizer
     else:
         tensors, optimizer_state = None, optimizer.state_dict()
         trainable = [p.detach().cpu().clone() for p in model.trainable_parameters()]
     target = run_dir / "checkpoint.pt"
     try:
-        names = ["full"] if kind == "full" else [f"{kind}-step{step}.safetensors", f"{kind}.safetensors"]
-        for name in names:
+        for name in model.adapter.file_names(step):
             target = run_dir / name
             model.save_adapter(target, tensors, step=step, task=cfg.task, dataset=cfg.dataset)
         state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps, data=data_fingerprint,

@@ -808,7 +808,6 @@ def main(argv=None) -> list[dict]:
 
 
 def _run(args) -> list[dict]:
-    import data
     from tqdm import tqdm
     questions, answers = gather_questions(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -816,13 +815,8 @@ def _run(args) -> list[dict]:
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {args.device!r} is not a torch device") from None
-    dtype = M.auto_dtype(device) if args.dtype == "auto" else args.dtype
-    tokenizer = data.Tokenizer.from_dir(args.tokenizer or M.resolve_checkpoint(args.model))
     available = memory.available_bytes(device)  # before the weights load: the plan counts them
-    model = M.Transformer.from_pretrained(args.model, dtype=dtype, device=device)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {args.model} only "
-                         f"{model.config.vocab_size} embedding rows: wrong --tokenizer?")
+    model, tokenizer = M.load_for_cli(args.model, args.tokenizer, args.dtype, device)
     setups = steering_setups(model, args.steering, args.steering_scale)
     model.steering_scale = args.steering_scale
     # the KV pool from the memory plan: one batch of questions x n at once, at most 90 % of what the

@@ -47,8 +47,8 @@ import memory
 import model as M
 import rloo
 from rl_task import TASKS, Task, completion_budget, eval_task
-from run_lifecycle import (RunLog, StopSignals, check_resume, open_run, restore, run_model, save_checkpoint, step_metrics,
-                           write_text)
+from run_lifecycle import (RunLog, StopSignals, check_resume, open_run, restore, run_model, save_checkpoint,
+                           step_metrics, write_text)
 from rollout_groups import Group, as_groups, has_signal, micro_batches, refill, with_signal
 from sample import Sampler
 from train_config import TrainConfig, check_config, parse_args
@@ -91,7 +91,8 @@ def fresh_groups(run, step: int, round_: int, missing: int) -> list[Group]:
     cfg, c, task = run.cfg, run.cluster, run.task
     gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + c.rank) * 257 + round_)
     indices = torch.randint(len(task.prompts), (missing,), generator=gen).tolist()
-    completions = sample(run.sampler, task, cfg, step, indices, cfg.prompts_per_step * (round_ + 1) + c.rank * (cfg.prompts_per_step // c.world))
+    offset = cfg.prompts_per_step * (round_ + 1) + c.rank * (cfg.prompts_per_step // c.world)
+    completions = sample(run.sampler, task, cfg, step, indices, offset)
     rewards, _ = task.reward([comp.tokens for comp in completions], [i for i in indices for _ in range(cfg.rollouts)])
     return as_groups([task.prompts[i] for i in indices], completions,
                      rloo.advantages(torch.tensor(rewards).view(missing, cfg.rollouts)))
@@ -285,7 +286,7 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
                       lora_alpha=cfg.lora_alpha or None)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if c.device.type == "cpu" else 1  # ranks sharing the RAM
     try:
-        plan = memory.plan(config, dtype, c.device, available=available, adapter=cfg.adapter,
+        plan = memory.plan(config, dtype, c.device, available=available, adapter=model.adapter,
                            trainable=sum(p.numel() for p in model.trainable_parameters()),
                            sequences=P // c.world * cfg.rollouts, longest=longest,
                            micro_batch_tokens=cfg.micro_batch_tokens or None, recompute=cfg.activation_checkpointing,
@@ -432,8 +433,7 @@ def main(argv=None):
         stops.stop_after(step + 1)
     log.close()
     if c.is_main:
-        kind = run.model.adapter.kind
-        print(f"done: {run.run_dir}/{'full' if kind == 'full' else kind + '.safetensors'}")
+        print(f"done: {run.run_dir}/{run.model.adapter.latest_file()}")
     run.task.close()
     if run.eval_task:
         run.eval_task.close()

@@ -170,7 +170,7 @@ PAPER_SETUPS = {
 }
 for _name, (_hub, _max_len, _adapters) in PAPER_SETUPS.items():
     for _adapter, (_lr, _rollouts, _rank) in _adapters.items():
-        PRESETS[f"deepscaler-{_name}" + ("" if _adapter == "steering" else f"-{_adapter}")] = dict(
+        PRESETS[f"deepscaler-{_name}" + ("" if _adapter == TrainConfig.adapter else f"-{_adapter}")] = dict(
             model=_hub, dataset="deepscaler", adapter=_adapter, lr=_lr, rollouts=_rollouts, max_len=_max_len,
             prompts_per_step=128, epochs=1, checkpoint_every=53, **({"lora_rank": _rank} if _rank else {}))
 # The GSM8K / MATH table (the paper's v1): the official v1-era configs (configs/train/rl/<model>/{gsm8k,math})
@@ -262,14 +262,17 @@ def check_config(cfg: TrainConfig, world: int):
     if cfg.eval_every and (cfg.task != "math" or cfg.eval_bench not in data.NAMES):
         problems.append(f"--eval-every needs --task math and an --eval-bench among {', '.join(data.NAMES)} "
                         f"(got --task {cfg.task}, --eval-bench {cfg.eval_bench!r})")
-    if cfg.adapter not in adapters.ADAPTERS:
+    chosen = adapters.ADAPTERS.get(cfg.adapter)
+    if chosen is None:
         problems.append(f"--adapter {cfg.adapter!r}: use one of {', '.join(adapters.ADAPTERS)}")
-    if cfg.steer_at not in adapters.STEER_AT:
-        problems.append(f"--steer-at {cfg.steer_at!r}: use one of {', '.join(adapters.STEER_AT)}")
-    if cfg.lora_rank < 1 or cfg.lora_alpha < 0:
-        problems.append(f"--lora-rank {cfg.lora_rank} / --lora-alpha {cfg.lora_alpha}: rank >= 1, alpha >= 0")
-    if cfg.adapter == "full" and cfg.layers:
-        problems.append("--layers: full fine-tuning trains every layer (leave --layers empty)")
+    # each flag is checked by the adapter class it belongs to, whichever adapter trains, and --layers
+    # by the one that trains (num_layers None: the model, and its layer count, are not loaded yet)
+    for adapter in adapters.ADAPTERS.values():
+        try:
+            adapter.check_options(None, cfg.layers if adapter is chosen else None, steer_at=cfg.steer_at,
+                                  lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha or None)
+        except ValueError as e:
+            problems.append(str(e))
     if cfg.collective_timeout <= 0:
         problems.append(f"--collective-timeout {cfg.collective_timeout}: must be > 0 seconds")
     if cfg.wandb_project:

@@ -27,7 +27,8 @@ SHAPES = {
     "Llama-3.1-8B": ("llama", 4096, 14336, 32, 32, 8, 128256, False),
 }
 TINY = {"tiny": ("qwen2", 64, 128, 2, 4, 2, 96, True)}
-SETUPS = (("steering", {}), ("LoRA-1", dict(lora_rank=1)), ("LoRA-4", dict(lora_rank=4)), ("full", {}))
+SETUPS = (("steering", "steering", {}), ("LoRA-1", "lora", dict(lora_rank=1)), ("LoRA-4", "lora", dict(lora_rank=4)),
+          ("full", "full", {}))  # (row name, --adapter, its options)
 
 
 def meta_model(shape) -> M.Transformer:
@@ -43,9 +44,9 @@ def meta_model(shape) -> M.Transformer:
 
 def costs(shape) -> list[dict]:
     rows = []
-    for name, options in SETUPS:
+    for name, kind, options in SETUPS:
         model = meta_model(shape)
-        model.set_adapter("lora" if name.startswith("LoRA") else name, **options)
+        model.set_adapter(kind, **options)
         size = model.trainable_bytes()
         base = sum(p.numel() for p in model.base_weights().values())
         rows.append(dict(setup=name, trainable=model.num_trainable(), share=model.num_trainable() / base,

@@ -509,7 +509,9 @@ def test_cli_lens_bare_form_writes_json(tmp_path, capsys):
     tok_dir = TOKENIZERS / "qwen2.5"
     if not (tok_dir / "tokenizer.json").is_file():
         pytest.skip(f"{tok_dir} is absent (the shared tokenizers)")
-    folder = write_checkpoint(tmp_path / "tiny", "qwen2-untied")
+    # the real vocabulary (every CLI refuses a tokenizer with more tokens than the model has rows)
+    folder = write_checkpoint(tmp_path / "tiny", "qwen2-untied", vocab_size=151936, hidden_size=16,
+                              intermediate_size=32)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / name, folder / name)
     model = M.Transformer.from_pretrained(folder)
