@@ -226,8 +226,36 @@ def load_config(path: Path, resume: str) -> TrainConfig:
     return TrainConfig(**{**raw, "resume": resume})
 
 
+def numeric_problems(cfg: TrainConfig) -> list[tuple[str, object, str]]:
+    """(field, value, the rule it breaks) for every number outside what can work: NaN and infinity
+    included (a NaN compares false with everything, so each rule is written to fail on it)."""
+    rules = [  # field, holds when, the rule
+        ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "must be a finite number > 0"),
+        ("grad_clip", math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0, "must be a finite number >= 0 (0 = off)"),
+        ("warmup", 0 <= cfg.warmup < 1, "is a fraction of the steps, in [0, 1)"),
+        ("weight_decay", math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "must be a finite number >= 0"),
+        ("temperature", math.isfinite(cfg.temperature), "must be a finite number"),
+        ("prompts_per_step", cfg.prompts_per_step >= 1, "must be >= 1"),
+        ("epochs", cfg.epochs >= 1, "must be >= 1 (--max-steps caps a run shorter)"),
+        ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0 = the epochs decide)"),
+        ("max_new_tokens", cfg.max_new_tokens >= 0, "must be >= 0 (0 = what --max-len leaves)"),
+        ("max_len", cfg.max_len >= 2, "must be >= 2 (a prompt token and a completion token)"),
+        ("micro_batch_tokens", cfg.micro_batch_tokens == 0 or cfg.micro_batch_tokens >= cfg.max_len,
+         f"must be 0 (the memory plan's) or hold one whole sequence (>= --max-len {cfg.max_len})"),
+        ("kv_cache_tokens", cfg.kv_cache_tokens >= 0, "must be >= 0 (0 = the memory plan's)"),
+        ("gpu_memory_fraction", 0 < cfg.gpu_memory_fraction <= 1, "is a share, in (0, 1]"),
+        ("reward_timeout", math.isfinite(cfg.reward_timeout) and cfg.reward_timeout > 0, "must be a finite number > 0"),
+        ("tiny_layers", cfg.tiny_layers >= 1, "must be >= 1"),
+        ("tiny_dim", cfg.tiny_dim >= 8 and cfg.tiny_dim % 8 == 0, "must be a multiple of 8 (4 heads of an even size)"),
+        ("tiny_vocab", cfg.tiny_vocab >= 2, "must be >= 2"),
+        ("toy_prompts", cfg.toy_prompts >= 1, "must be >= 1"),
+        ("toy_prompt_len", cfg.toy_prompt_len >= 1, "must be >= 1"),
+    ]
+    return [(name, getattr(cfg, name), rule) for name, ok, rule in rules if not ok]
+
+
 def check_config(cfg: TrainConfig, world: int):
-    problems = []
+    problems = [f"--{name.replace('_', '-')} {value}: {rule}" for name, value, rule in numeric_problems(cfg)]
     if cfg.task not in rl_task.TASKS:
         problems.append(f"--task {cfg.task!r}: use one of {sorted(rl_task.TASKS)}")
     if cfg.rollouts < 2:

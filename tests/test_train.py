@@ -101,6 +101,26 @@ def test_the_baselines_learn_the_quickstart(tmp_path, adapter):
     assert rows[0]["bytes_allreduced"] == 4 * rows[0]["trainable_params"]
 
 
+@pytest.mark.parametrize("flag,value,says", [
+    ("--lr", "inf", "--lr inf: must be a finite number > 0"), ("--lr", "nan", "--lr nan: must be a finite number > 0"),
+    ("--grad-clip", "nan", "--grad-clip nan: must be a finite number >= 0"),
+    ("--warmup", "2", "--warmup 2.0: is a fraction of the steps, in [0, 1)"),
+    ("--max-steps", "-5", "--max-steps -5: must be >= 0"), ("--epochs", "0", "--epochs 0: must be >= 1"),
+    ("--micro-batch-tokens", "1", "--micro-batch-tokens 1: must be 0 (the memory plan's) or hold one whole sequence"),
+    ("--micro-batch-tokens", "-5", "--micro-batch-tokens -5: must be 0"),
+    ("--prompts-per-step", "0", "--prompts-per-step 0: must be >= 1"),
+    ("--tiny-layers", "0", "--tiny-layers 0: must be >= 1"),
+    ("--max-new-tokens", "-1", "--max-new-tokens -1: must be >= 0")])
+def test_a_number_that_cannot_work_is_one_line_before_anything_loads(tmp_path, flag, value, says):
+    """Each refused as a user does it: exit 2, one line naming the flag and its rule, no run directory
+    made (nothing loaded or written first)."""
+    proc = run(["--quickstart", flag, value, "--out-dir", str(tmp_path / "run")], timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: config error: "), proc.stderr
+    assert says in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_refuses_a_non_empty_run_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     proc = run([*SMALL, "--max-steps", "1", "--out-dir", str(tmp_path)])
