@@ -42,6 +42,9 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> Cluster:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU is visible to this process (torch.cuda.is_available() is "
+                             "False): use --device cpu, or auto")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     elif device == "cpu":

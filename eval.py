@@ -484,6 +484,9 @@ def log_to_wandb(cfg: EvalConfig, results: dict, setups: list[Setup], benches: l
 def main(argv=None):
     cfg = apply_protocol(parse_args(argv))
     setups = make_setups(cfg)
+    for setup in setups:  # broken numbers are refused before the model loads
+        if setup.steering is not None:
+            M.check_adapter_file(setup.steering)
     names = bench_names(cfg)
     if cfg.wandb_project:
         try:

@@ -424,6 +424,7 @@ class Transformer(nn.Module):
             if t.shape != want[name].shape:
                 raise ValueError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, expected "
                                  f"{tuple(want[name].shape)} for {self.config.name or 'this model'}")
+            refuse_non_finite(t, f"{where}: tensor '{name}'")
         with torch.no_grad():
             for name, t in tensors.items():
                 want[name].copy_(t)
@@ -638,7 +639,32 @@ def read_steering(path) -> tuple[torch.Tensor, dict]:
                          f"({e})") from None
     if vectors.ndim != 2:
         raise ValueError(f"{path}: tensor 'steering' has shape {tuple(vectors.shape)}, expected (L, d)")
+    refuse_non_finite(vectors, f"{path}: tensor 'steering'")
     return vectors.float(), meta
+
+
+def check_adapter_file(path):
+    """Before any model loads: a steering or LoRA file's tensors are all finite numbers (a full
+    fine-tuning folder is checked as its weights load)."""
+    path = Path(path)
+    if path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"adapter file {path}: unreadable or corrupt ({e})") from None
+        for name, t in tensors.items():
+            refuse_non_finite(t, f"adapter file {path}: tensor '{name}'")
+
+
+def refuse_non_finite(t: torch.Tensor, what: str):
+    """A vector with NaN or Inf would steer every answer into garbage that still gets graded: refuse it."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        rows = sorted({int(i) for i in bad.nonzero()[:, 0].tolist()})
+        raise ValueError(f"{what} holds {int(bad.sum())} NaN or infinite numbers (rows {rows[:8]}"
+                         f"{', ...' if len(rows) > 8 else ''}): the file is broken; use an earlier checkpoint")
 
 
 def atomic_write(path: Path, write):

@@ -163,6 +163,9 @@ def open_run(cfg, c) -> tuple[Path, dict | None]:
             decision = (run_dir, state is not None)
         except SystemExit as e:
             decision = e
+        except OSError as e:  # a read-only mount, a path through a file, a full disk
+            decision = SystemExit(f"run directory {getattr(e, 'filename', None) or cfg.out_dir}: cannot be written "
+                                  f"({e.strerror or e}): choose a writable --out-dir")
     decision = cluster.broadcast(decision, c)
     if isinstance(decision, SystemExit):
         raise decision

@@ -2,6 +2,10 @@
 configs (conftest.hf_model), loaded from the folders they save. Also the loader's refusals,
 steering files, and the chunked log-prob path used by training."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +14,8 @@ from conftest import FAMILIES, REAL_MODELS, hf_model, token_logprobs, write_chec
 from safetensors.torch import load_file, save_file
 
 import model as M
+
+ROOT = Path(__file__).resolve().parents[1]
 
 T_LONG = 100  # past llama31's original_max_position_embeddings (32), so the llama3 rescaling matters
 
@@ -245,6 +251,49 @@ def test_steering_file_refusals(tiny_qwen, tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="corrupt"):
         model.load_steering(bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_vectors_are_refused_where_they_load(tiny_qwen, tmp_path, bad):
+    """NaN or Inf in a steering or LoRA file: refused with the file, the tensor and the rows named
+    (a broken vector would otherwise steer every answer into garbage that still gets graded)."""
+    model = M.Transformer.from_pretrained(tiny_qwen)
+    with torch.no_grad():
+        model.steering[1, 3] = bad
+    model.save_steering(tmp_path / "s.safetensors")
+    model.set_adapter("lora", lora_rank=2)
+    with torch.no_grad():
+        model.adapter.lora_B[0, 0, 0] = bad
+    model.save_adapter(tmp_path / "l.safetensors")
+    fresh = M.Transformer.from_pretrained(tiny_qwen)
+    for path in (tmp_path / "s.safetensors", tmp_path / "l.safetensors"):
+        with pytest.raises(ValueError, match="holds 1 NaN or infinite numbers") as e:
+            fresh.load_adapter(path)
+        assert str(path) in str(e.value)
+    with pytest.raises(ValueError, match=r"tensor 'steering' holds 1 NaN or infinite numbers \(rows \[1\]"):
+        M.read_steering(tmp_path / "s.safetensors")
+    assert fresh.adapter.kind == "steering" and torch.equal(fresh.steering, torch.zeros_like(fresh.steering))
+
+
+@pytest.mark.parametrize("cli", ["sample.py", "eval.py", "lens.py"])
+def test_a_broken_vector_is_one_line_in_every_cli(tmp_path, tiny_with_tokenizer, cli):
+    """A steering file holding NaN: sample.py, eval.py and lens.py each stop with one line naming the
+    file and the problem, exit 2 (before: an empty answer, 0.0 % as a real score, a table of nan)."""
+    from conftest import DATA_DIR
+    model = M.Transformer.from_pretrained(tiny_with_tokenizer)
+    with torch.no_grad():
+        model.steering[0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    model.save_steering(bad)
+    args = {"sample.py": ["--model", str(tiny_with_tokenizer), "--steering", str(bad), "What is 1 + 1?"],
+            "eval.py": ["--model", str(tiny_with_tokenizer), "--steering", str(bad), "--bench", "arithmetic",
+                        "--limit", "1", "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "eval")],
+            "lens.py": ["lens", "--steering", str(bad)]}[cli]
+    proc = subprocess.run([sys.executable, str(ROOT / cli), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert str(bad) in lines[0] and "holds 1 NaN or infinite numbers" in lines[0], lines[0]
 
 
 def test_steering_for_another_base(tiny_qwen, tmp_path):

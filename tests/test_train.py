@@ -121,6 +121,25 @@ def test_a_number_that_cannot_work_is_one_line_before_anything_loads(tmp_path, f
     assert not (tmp_path / "run").exists()
 
 
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    proc = run(["--quickstart", "--device", "cuda", "--out-dir", str(tmp_path / "run")], timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --device cuda: no CUDA GPU is visible to this process (torch.cuda.is_available() is False): use "
+        "--device cpu, or auto"], proc.stderr
+
+
+def test_an_unwritable_run_directory_is_one_line(tmp_path):
+    """--out-dir where nothing can be written (here: a path through a regular file; a read-only
+    mount reads the same): one line naming the path, exit 2."""
+    (tmp_path / "a-file").write_text("")
+    proc = run(["--quickstart", "--out-dir", str(tmp_path / "a-file" / "run")], timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: run directory {tmp_path / 'a-file'}") and "choose a writable --out-dir" in lines[0]
+
+
 def test_refuses_a_non_empty_run_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     proc = run([*SMALL, "--max-steps", "1", "--out-dir", str(tmp_path)])
