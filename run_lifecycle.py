@@ -59,8 +59,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, cfg, step: int, epoch: int,
     """The adapter's files, as it names them (Adapter.file_names): {kind}-step{N}.safetensors (the
     history: a few KB each for steering) and {kind}.safetensors (the latest, the file eval.py reads;
     full fine-tuning: the folder full/, no history: each would be a whole model), then checkpoint.pt:
-    the checkpoint is the commit point, and resuming reads nothing else. A full or unwritable disk stops the run with the path named;
-    every file is renamed into place only once complete, so the previous checkpoint stays intact.
+    the checkpoint is the commit point, and resuming reads nothing else. A full or unwritable disk
+    stops the run with the path named; every file is renamed into place only once complete, so the
+    previous checkpoint stays intact.
     With a `snapshot` (StopSignals) the trainable state comes from that CPU copy, not the live model:
     nothing here then touches the device."""
     if snapshot is not None:

@@ -137,7 +137,8 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path):
     proc = run(["--quickstart", "--out-dir", str(tmp_path / "a-file" / "run")], timeout=60)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"error: run directory {tmp_path / 'a-file'}") and "choose a writable --out-dir" in lines[0]
+    assert lines[0].startswith(f"error: run directory {tmp_path / 'a-file'}")
+    assert "choose a writable --out-dir" in lines[0]
 
 
 def test_refuses_a_non_empty_run_dir(tmp_path):
@@ -573,7 +574,8 @@ def test_backward_savings_give_the_naive_gradient(tmp_path, train_module, family
     groups = random_groups()
     cfg = train_module.TrainConfig(task="toy", temperature=0.7)
     rows = [r for g in groups for r in g.rollouts]
-    totals = dict(total_sequences=len(rows), max_completion_len=16, total_tokens=float(sum(len(r.completion) for r in rows)))
+    totals = dict(total_sequences=len(rows), max_completion_len=16,
+                  total_tokens=float(sum(len(r.completion) for r in rows)))
     want = naive_gradient(model, groups, cfg, totals)
     assert want.abs().max() > 0
     signal = RG.with_signal(groups)
@@ -616,8 +618,8 @@ def parity_run(train, rounds, size=100, odd=True):
     def reward(completions, owners):
         rewards = [float(c[1] % 2) if i % 2 and odd else 1.0 for c, i in zip(completions, owners)]
         return rewards, rewards
-    task = train.Task(name="parity", prompts=[[i] for i in range(size)], answers=None, stop_token_ids=[], vocab_size=None,
-                      skipped_prompts=0, reward=reward)
+    task = train.Task(name="parity", prompts=[[i] for i in range(size)], answers=None, stop_token_ids=[],
+                      vocab_size=None, skipped_prompts=0, reward=reward)
     cfg = train.TrainConfig(task="toy", rollouts=4, prompts_per_step=4, dynamic_sampling=rounds)
     return SimpleNamespace(cfg=cfg, cluster=SimpleNamespace(rank=0, world=1), task=task, sampler=ParitySampler())
 
