@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -214,10 +213,11 @@ def metrics_step(line: str) -> float:
 
 
 def default_run_dir(cfg) -> str:
-    """runs/<task>-<time>; under torchrun the elastic run id instead of the time, so that a torchrun
-    restart (--max-restarts) finds the directory it began."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    return f"runs/{cfg.task}-{run_id if run_id != 'none' else time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<preset or task>-<hash of the config>: the same command finds the same directory again
+    (a re-run continues it, a torchrun restart finds the run it began), another config another one."""
+    what = {k: v for k, v in asdict(cfg).items() if k not in RUN_DIR_FIELDS}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
+    return f"runs/{cfg.preset or cfg.task}-{digest}"
 
 # -----------------------------------------------------------------------------
 # Stopping: SIGTERM (schedulers before pre-emption, torchrun when a peer failed) and SIGINT

@@ -715,6 +715,9 @@ def gather_questions(args) -> tuple[list[str], list[str | None]]:
         items = read_questions(sys.stdin.read(), "stdin")
     if not items:
         raise ValueError("no question given: pass questions as arguments, --file FILE, or pipe them on stdin")
+    empty = [i + 1 for i, (q, _) in enumerate(items) if not q.strip()]
+    if empty:
+        raise ValueError(f"question {empty[0]} of {len(items)} is empty: nothing to answer")
     questions, answers = [q for q, _ in items], [a for _, a in items]
     if args.answer is not None:
         if len(args.answer) != len(questions):

@@ -99,7 +99,8 @@ class TrainConfig:
     eval_samples: int = _opt(1, "samples per problem for --eval-every (eval_accuracy is their mean)")
     eval_temperature: float = _opt(0.0, "sampling temperature for --eval-every (0 = greedy)")
     # run directory
-    out_dir: str = _opt("", "run directory (default: runs/<task>-<time>). If it holds a run of the same config, "
+    out_dir: str = _opt("", "run directory (default: runs/<preset or task>-<hash of the config>, so the same "
+                        "command finds it again). If it holds a run of the same config, "
                         "that run continues from its last checkpoint (so re-running a command, a torchrun restart "
                         "or a requeue resumes); a different config is refused")
     resume: str = _opt("", "continue the run in this directory from its last checkpoint (other flags not allowed)")

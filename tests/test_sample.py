@@ -3,9 +3,13 @@ model.py's log-softmax, the softmax distribution itself, and the sampler's PyTor
 Triton path (kernels run by the interpreter on CPU tensors; the kernels alone: test_paged_attention.py).
 The CLI (python sample.py) against HF generate on the chat prompt HF's own tokenizer renders."""
 import io
+import os
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -487,3 +491,10 @@ def test_cli_greedy_equals_hf_generate_real_qwen(capsys):
     assert [r["tokens"] for r in records] == [tokens for tokens, _ in want]
     printed = capsys.readouterr().out
     assert all(f"---\n{text}\n" in printed for _, text in want)
+
+
+def test_an_empty_question_is_one_line(tiny_with_tokenizer, tmp_path):
+    proc = subprocess.run([sys.executable, str(Path(sample.__file__)), "--model", str(tiny_with_tokenizer, tmp_path), ""],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("question 1 of 1 is empty: "
+                                                                                  "nothing to answer"), proc.stderr

@@ -141,6 +141,20 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path):
     assert "choose a writable --out-dir" in lines[0]
 
 
+def test_the_same_command_without_out_dir_finds_its_run_again(tmp_path):
+    """No --out-dir: the run directory is named by the config, so re-running the same command
+    continues (here: finds it finished) instead of starting a new folder; another config, another."""
+    def go(*extra):
+        return check(subprocess.run([sys.executable, TRAIN, *SMALL, "--max-steps", "2", *extra], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=120, env=ENV))
+    first = go()
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    again = go()
+    assert "is finished (step 2/2): nothing to do" in again.stdout, again.stdout
+    go("--seed", "1")
+    assert len(list((tmp_path / "runs").iterdir())) == 2 and first.returncode == 0
+
+
 def test_refuses_a_non_empty_run_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     proc = run([*SMALL, "--max-steps", "1", "--out-dir", str(tmp_path)])
