@@ -494,7 +494,7 @@ def test_cli_greedy_equals_hf_generate_real_qwen(capsys):
 
 
 def test_an_empty_question_is_one_line(tiny_with_tokenizer, tmp_path):
-    proc = subprocess.run([sys.executable, str(Path(sample.__file__)), "--model", str(tiny_with_tokenizer, tmp_path), ""],
+    proc = subprocess.run([sys.executable, str(Path(sample.__file__)), "--model", str(tiny_with_tokenizer), ""],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("question 1 of 1 is empty: "
                                                                                   "nothing to answer"), proc.stderr
