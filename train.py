@@ -9,7 +9,7 @@ One step, on every rank:
     prompts of the step  --split by rank-->  this rank's prompts (a prompt's N rollouts stay together)
     sample N rollouts per prompt with sample.Sampler on the live model (its adapter included)
     task.reward of each rollout (math: math-verify on the boxed answer; toy: a token count), RLOO advantages
-    loss = rloo.policy_loss over token-budgeted micro-batches, backward into the adapter only
+    loss = rloo.policy_loss over micro-batches of the rollouts with signal, each prompt forwarded once
     all_reduce(the adapter's flat gradient buffer, SUM)  -- the only tensor that crosses ranks: L x d floats
     clip, AdamW step (identical on every rank, so the vectors never drift apart)
 
@@ -24,9 +24,9 @@ sampler, so a prompt gets the same rollouts whatever the number of ranks, and a 
 repeats what the interrupted one would have done: bit for bit on CPU; on GPU up to float
 rounding, which batch composition and kernels change.
 
-Around the method: train_config.py (flags, presets, checks), rl_task.py (prompts, rewards and the
-one evaluation), run_lifecycle.py (the run directory, checkpoints, resume, signals, metrics).
-Re-running the same command on a run directory continues the run.
+Around the method: train_config.py (flags, presets, checks), rl_task.py (prompts, rewards, the one
+evaluation), run_lifecycle.py (run directory, checkpoints, resume, signals, metrics): re-running
+the same command continues a run.
 """
 import functools
 import gc
@@ -329,7 +329,6 @@ def rl_step(run: Run, step: int) -> dict:
     rewards, correct = task.reward([comp.tokens for comp in completions], owners)
     adv = rloo.advantages(torch.tensor(rewards).view(per_rank, cfg.rollouts))  # a prompt's rollouts share a rank
     t2 = time.perf_counter()
-
     groups = as_groups([task.prompts[i] for i in prompt_indices], completions, adv)
     draws = 0
     if cfg.dynamic_sampling:
@@ -400,19 +399,9 @@ def save(run: Run, step: int, snapshot=None):
                     run.task.fingerprint(), snapshot=snapshot)
 
 
-def main(argv=None):
-    cfg = parse_args(argv, __doc__)
-    c = cluster.init(cfg.device, cfg.collective_timeout)
-    if c.device.type == "cpu":
-        memory.return_freed_host_memory()  # what the memory plan assumes (see there)
-    check_config(cfg, c.world)
-    run = setup(cfg, c)
-    if run.start >= run.total_steps:
-        if c.is_main:
-            print(f"{run.run_dir} is finished (step {run.start}/{run.total_steps}): nothing to do")
-        run.task.close()
-        cluster.close()
-        return
+def train(run: Run):
+    """The steps from the run's start to its end, with evaluation, checkpoints and stopping."""
+    cfg, c = run.cfg, run.cluster
     stops = StopSignals(run, functools.partial(save, run))
     log = RunLog(cfg, run.run_dir, c.is_main, run.start, run.total_steps)
     if cfg.eval_every and run.start == 0:  # the base model's score: where the curve starts
@@ -434,9 +423,22 @@ def main(argv=None):
     log.close()
     if c.is_main:
         print(f"done: {run.run_dir}/{run.model.adapter.latest_file()}")
-    run.task.close()
-    if run.eval_task:
-        run.eval_task.close()
+
+
+def main(argv=None):
+    cfg = parse_args(argv, __doc__)
+    c = cluster.init(cfg.device, cfg.collective_timeout)
+    if c.device.type == "cpu":
+        memory.return_freed_host_memory()  # what the memory plan assumes (see there)
+    check_config(cfg, c.world)
+    run = setup(cfg, c)
+    if run.start < run.total_steps:
+        train(run)
+    elif c.is_main:
+        print(f"{run.run_dir} is finished (step {run.start}/{run.total_steps}): nothing to do")
+    for task in (run.task, run.eval_task):
+        if task:
+            task.close()
     cluster.close()
     # Reference cycles can keep gloo's process group, and the work objects its threads still hold,
     # alive into interpreter shutdown, where a thread releasing a tensor needs the GIL and aborts
