@@ -332,10 +332,14 @@ def evaluate_setup(sampler, setup: Setup, tasks: dict[str, Task], cfg: EvalConfi
             def shown(groups):
                 if progress is not None:
                     progress.tokens = getattr(progress, "tokens", 0) + sum(len(c.tokens) for g in groups for c in g)
-                    rate = progress.tokens / max(progress.format_dict["elapsed"], 1e-9)
+                    progress.done = getattr(progress, "done", 0) + len(groups) * k
+                    rate = progress.tokens / max(time.time() - progress.started, 1e-9)
                     progress.set_description(f"{setup.name} {bench} seed {seed}", refresh=False)
                     progress.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
                     progress.update(len(groups) * k)
+                    if progress.plain:  # a log file, not a terminal: one line per generate call
+                        print(f"{setup.name} {bench} seed {seed}: {progress.done}/{progress.total} samples, "
+                              f"{rate:.0f} tok/s", file=sys.stderr, flush=True)
             done = task.evaluate(sampler, samples=k, temperature=setup.temperature, seed=seed,
                                  max_new_tokens=cfg.max_new_tokens or 4096, max_len=cfg.max_len, top_p=cfg.top_p,
                                  rank=rank, world=world, batch_prompts=cfg.batch_prompts, progress=shown)
@@ -524,6 +528,7 @@ def main(argv=None):
     total = sum(len(tasks[b].share(c.rank, c.world)) * samples_per_problem(cfg, b, s.temperature) * len(s.seeds)
                 for s in setups for b in names)
     progress = tqdm(total=total, unit="sample", disable=not (c.is_main and sys.stderr.isatty()))
+    progress.plain, progress.started = c.is_main and not sys.stderr.isatty(), time.time()
     started, records = time.time(), []
     for setup in setups:
         apply_setup(model, setup, cfg.steering_scale, M.resolve_checkpoint(cfg.model))

@@ -279,7 +279,10 @@ def test_end_to_end_tiny_model(tiny_with_tokenizer, tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert table.splitlines()[0] == "| Setup | MATH500 | MATH500 1st | Avg. |"  # avg@2: the first sample too
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3  # header + 2 setups
-    assert table in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert table in printed.out
+    # stderr is no terminal here: one progress line per generate call, ending at every sample done
+    assert "math500 seed 1: 25/25 samples, " in printed.err and " tok/s" in printed.err, printed.err
 
 
 def test_torchrun_two_ranks_match_one_process(tiny_with_tokenizer, tmp_path):
