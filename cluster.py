@@ -14,7 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-USER_ERRORS = (SystemExit, ValueError, FileNotFoundError)  # what a CLI reports in one line, without a traceback
+USER_ERRORS = (SystemExit, ValueError, OSError)  # what a CLI reports in one line, without a traceback (OSError: a
+# missing file, a full disk, no permission, no network)
 
 
 class RankError(SystemExit):
@@ -59,6 +60,61 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> Cluster:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(seconds=timeout_s), device_id=device_id)
     return Cluster(rank, world, dev)
+
+
+class CpuShare:
+    """Keeps torch's CPU thread count at the cores other processes leave free.
+
+    Why: PyTorch's intra-op threads meet at a barrier after every parallel op. When another process
+    holds one of the cores, the thread that lost its core keeps the others waiting for a scheduler
+    time slice at every op, and decode is thousands of small ops: on 2 cores with one busy neighbour,
+    sample.py on SmolLM2-135M took 136-160 s with 2 threads and 9.5 s with 1 (README, "A busy CPU").
+    So from the machine's busy time (/proc/stat) minus this process's own CPU time, over the last
+    `interval` seconds, it counts the cores others use, and uses the rest: between 1 and the
+    threads torch started with. Off when the user chose (OMP_NUM_THREADS) or /proc/stat is absent."""
+
+    def __init__(self, interval: float = 2.0, first_look: float = 0.25):
+        self.interval, self.max_threads = interval, torch.get_num_threads()
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.enabled = "OMP_NUM_THREADS" not in os.environ and os.path.exists("/proc/stat")
+        if self.enabled:
+            self.last = self.read()
+            time.sleep(first_look)  # idle meanwhile: whatever is busy now is someone else
+            self.adjust(force=True)
+
+    @staticmethod
+    def read() -> tuple[float, float, float]:
+        """(now, seconds of CPU the whole machine spent busy, seconds this process spent)."""
+        with open("/proc/stat") as f:  # cpu  user nice system idle iowait irq softirq steal ...
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        busy = sum(ticks) - ticks[3] - ticks[4]
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+    def adjust(self, force: bool = False) -> int:
+        """Re-count (at most every `interval` seconds, unless forced) and set the thread count."""
+        if not self.enabled:
+            return torch.get_num_threads()
+        now = self.read()
+        wall = now[0] - self.last[0]
+        if wall <= 0 or (wall < self.interval and not force):
+            return torch.get_num_threads()
+        others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / wall  # cores busy elsewhere
+        self.last = now
+        threads = max(1, min(self.max_threads, round(self.cores - others)))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
+
+_cpu_share = None
+
+
+def cpu_share() -> CpuShare:
+    """The process's one CpuShare (the thread count is the whole process's), made on first use."""
+    global _cpu_share
+    if _cpu_share is None:
+        _cpu_share = CpuShare()
+    return _cpu_share
 
 
 def restart_store(world: int, timeout_s: float):
@@ -122,7 +178,7 @@ def max_divergence(tensors: list) -> float:
 
 def run_cli(main, argv=None):
     """Run a CLI's main(). A user error (a bad flag, a missing file, a config that cannot work:
-    SystemExit with a message, ValueError, FileNotFoundError) prints one line, `error: ...`, from
+    SystemExit with a message, ValueError, OSError: a missing file, a full disk) prints one line, `error: ...`, from
     rank 0 only (under torchrun every rank hits the same error), and exits 2. A failed collective
     (a dead peer, a timeout) prints one line from each rank that saw it and exits 3. Anything else
     is a bug and keeps its traceback."""

@@ -20,6 +20,7 @@ token never sees the pads that follow it, and no attention mask is needed; the c
 the pads out of the loss. Attention itself is pluggable (`attend=`): the sampler passes its
 paged-KV attention and reuses everything else here, so the adapted forward exists once.
 """
+import errno
 import hashlib
 import json
 import math
@@ -669,9 +670,16 @@ def refuse_non_finite(t: torch.Tensor, what: str):
 
 def atomic_write(path: Path, write):
     """write(temporary path) then rename it to `path`: a crash never leaves a half-written file,
-    and readers see the old file or the new one. Every file this project writes goes through here."""
+    and readers see the old file or the new one. Every file this project writes goes through here.
+    A failed write (a full disk, no permission) is an OSError naming the file, whatever the writer:
+    safetensors reports those as its own SafetensorError, with the OS's message inside."""
+    from safetensors import SafetensorError
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except SafetensorError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.EIO, str(e), str(tmp)) from None
     os.replace(tmp, path)
 
 

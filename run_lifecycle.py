@@ -54,7 +54,7 @@ def write_text(path: Path, text: str):
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, cfg, step: int, epoch: int, offset: int,
-                    skipped_steps: int, data_fingerprint: str, snapshot=None):
+                    data_fingerprint: str, snapshot=None):
     """The adapter's files, as it names them (Adapter.file_names): {kind}-step{N}.safetensors (the
     history: a few KB each for steering) and {kind}.safetensors (the latest, the file eval.py reads;
     full fine-tuning: the folder full/, no history: each would be a whole model), then checkpoint.pt:
@@ -75,7 +75,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, cfg, step: int, epoch: int,
         for name in model.adapter.file_names(step):
             target = run_dir / name
             model.save_adapter(target, tensors, step=step, task=cfg.task, dataset=cfg.dataset)
-        state = dict(step=step, epoch=epoch, offset=offset, skipped_steps=skipped_steps, data=data_fingerprint,
+        state = dict(step=step, epoch=epoch, offset=offset, data=data_fingerprint,
                      trainable=trainable, optimizer=optimizer_state, config=asdict(cfg))
         target = run_dir / "checkpoint.pt.tmp"
 
@@ -230,7 +230,6 @@ class Snapshot:
     step: int
     trainable: list  # CPU copies, in model.trainable_parameters() order
     optimizer: dict  # AdamW's state_dict with CPU tensors
-    skipped_steps: int
 
 
 def to_cpu(obj):
@@ -283,7 +282,7 @@ class StopSignals:
         run = self.run
         if not self.deferred:
             self.snapshot = Snapshot(step, [to_cpu(p) for p in run.model.trainable_parameters()],
-                                     to_cpu(run.optimizer.state_dict()), run.skipped_steps)
+                                     to_cpu(run.optimizer.state_dict()))
 
     def watch(self):
         while True:
@@ -348,7 +347,7 @@ class Tracker:
 
 
 def step_metrics(sums: dict, top: dict, *, step, epoch, lr, prompts, step_s, grad_norm, model,
-                 dynamic: bool, micro_batches, micro_batch_tokens, skipped, skipped_steps, skipped_prompts) -> dict:
+                 dynamic: bool, micro_batches, micro_batch_tokens, skipped_prompts) -> dict:
     """One metrics.jsonl line from rl_step's numbers summed (`sums`) and maxed (`top`) over ranks:
     means per rollout, shares per prompt, the slowest rank's phase times; what trains and what
     crossed ranks (the adapter's own numbers: per-layer vector norms for steering)."""
@@ -366,7 +365,7 @@ def step_metrics(sums: dict, top: dict, *, step, epoch, lr, prompts, step_s, gra
                 signal_prompts=sums["signal_prompts"] / prompts,
                 **(dict(dynamic_draws=int(sums["dynamic_draws"]), refill_s=top["refill_s"]) if dynamic else {}),
                 micro_batches=micro_batches, oom_retries=int(sums["oom_retries"]),
-                micro_batch_tokens=micro_batch_tokens, skipped=skipped, skipped_steps=skipped_steps,
+                micro_batch_tokens=micro_batch_tokens,
                 **{k: int(sums[k]) for k in ("reward_timeouts", "reward_crashes", "reward_workers_replaced",
                                              "reward_workers_recycled")},
                 skipped_prompts=skipped_prompts)
@@ -376,7 +375,7 @@ def log_line(m: dict) -> str:
     return (f"step {m['step']} reward {m['reward_mean']:+.3f} acc {m['accuracy']:.3f} "
             f"len {m['completion_len_mean']:.0f} trunc {m['truncated_frac']:.2f} | {m['step_s']:.1f}s "
             f"(sample {m['sample_s']:.1f} reward {m['reward_s']:.1f} train {m['train_s']:.1f}) "
-            f"{m['tokens_per_s']:.0f} tok/s" + (" SKIPPED" if m["skipped"] else ""))
+            f"{m['tokens_per_s']:.0f} tok/s")
 
 
 class RunLog:

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cluster
 import memory
 import model as M
 from paged_attention import (HAS_TRITON, paged_decode_attention_torch, paged_decode_attention_triton,
@@ -518,6 +519,8 @@ class Sampler:
         self.runner = ModelRunner(model, num_blocks, block_size, vocab_size, max_seq_len, use_triton, cuda_graphs)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_batch_tokens, max_num_seqs)
         self.stats = Stats()
+        # decode on a CPU is thousands of small ops: the thread count follows the cores left free
+        self.cpu_share = cluster.cpu_share() if model.embed_tokens.weight.device.type == "cpu" else None
 
     # ---- the parts' state that tests and benchmarks read ----
 
@@ -562,6 +565,8 @@ class Sampler:
         blocks = BlockManager(self.blocks.num_blocks, self.block_size)
         self.scheduler = Scheduler(blocks, self.max_batch_tokens, self.max_num_seqs, groups)
         while self.scheduler.has_work:
+            if self.cpu_share:
+                self.cpu_share.adjust()
             admitted = self.scheduler.admit()
             if admitted:
                 self._prefill(admitted)
@@ -843,5 +848,4 @@ def _run(args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import cluster
     cluster.run_cli(main)

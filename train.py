@@ -250,7 +250,6 @@ class Run:
     total_steps: int
     warmup_steps: int
     start: int  # the first step to run (0, or the checkpoint's step)
-    skipped_steps: int  # updates skipped for a non-finite loss or gradient, so far
     micro_batch_tokens: int  # the backward's budget: --micro-batch-tokens, halved by each OOM
     eval_task: Task | None = None  # the --eval-every benchmark
 
@@ -266,7 +265,7 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(task.prompts)} prompts do not fill one step of --prompts-per-step {P}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    start, skipped_steps = (state["step"], state["skipped_steps"]) if state else (0, 0)
+    start = state["step"] if state else 0
     if state:
         check_resume(state, run_dir, task.fingerprint(), step_position(start, steps_per_epoch, P))
     all_prompts = task.prompts + (evals.prompts if evals else [])
@@ -310,7 +309,7 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
 
     sampler = Sampler(model, kv_cache_tokens=plan.kv_cache_tokens, vocab_size=task.vocab_size, max_seq_len=longest)
     return Run(cfg, c, run_dir, task, model, optimizer, sampler, steps_per_epoch, total_steps,
-               math.ceil(cfg.warmup * total_steps), start, skipped_steps, plan.micro_batch_tokens, evals)
+               math.ceil(cfg.warmup * total_steps), start, plan.micro_batch_tokens, evals)
 
 
 def rl_step(run: Run, step: int) -> dict:
@@ -346,7 +345,12 @@ def rl_step(run: Run, step: int) -> dict:
     run.micro_batch_tokens = grad.budget  # a budget halved on OOM stays halved for the rest of the run
     lr = cfg.lr * min(1.0, (step + 1) / run.warmup_steps) if run.warmup_steps else cfg.lr
     grad_norm, skipped = reduce_and_step(run.model, run.optimizer, cfg, lr, grad.bad_loss)
-    run.skipped_steps += skipped
+    if skipped:  # the same on every rank (the gradient is all-reduced): all stop together, nothing updated
+        kept = max(run.start, step // cfg.checkpoint_every * cfg.checkpoint_every)
+        raise SystemExit(f"step {step + 1}: the loss or the gradient is not finite (gradient norm {grad_norm}): the "
+                         f"run stops before updating. The last checkpoint, step {kept} in {run.run_dir}, is kept "
+                         "and the same command continues from it; a NaN that comes back there needs a lower --lr, "
+                         "--dtype float32 or a look at the data")
     cluster.synchronize(c.device)
     t3 = time.perf_counter()
 
@@ -366,7 +370,7 @@ def rl_step(run: Run, step: int) -> dict:
     return step_metrics(sums, top, step=step + 1, epoch=epoch, lr=lr, prompts=P, step_s=time.perf_counter() - t0,
                         grad_norm=grad_norm, model=run.model, dynamic=bool(cfg.dynamic_sampling),
                         micro_batches=grad.micro_batches, micro_batch_tokens=run.micro_batch_tokens,
-                        skipped=skipped, skipped_steps=run.skipped_steps, skipped_prompts=task.skipped_prompts)
+                        skipped_prompts=task.skipped_prompts)
 
 
 def evaluate(run: Run) -> dict:
@@ -393,10 +397,9 @@ def evaluate(run: Run) -> dict:
 def save(run: Run, step: int, snapshot=None):
     """Rank 0: the checkpoint after `step` completed steps, from the live state or a StopSignals
     snapshot of it (a CPU copy)."""
-    skipped = snapshot.skipped_steps if snapshot is not None else run.skipped_steps
     save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, step,
-                    *step_position(step, run.steps_per_epoch, run.cfg.prompts_per_step), skipped,
-                    run.task.fingerprint(), snapshot=snapshot)
+                    *step_position(step, run.steps_per_epoch, run.cfg.prompts_per_step), run.task.fingerprint(),
+                    snapshot=snapshot)
 
 
 def train(run: Run):

@@ -231,7 +231,7 @@ def numeric_problems(cfg: TrainConfig) -> list[tuple[str, object, str]]:
     """(field, value, the rule it breaks) for every number outside what can work: NaN and infinity
     included (a NaN compares false with everything, so each rule is written to fail on it)."""
     rules = [  # field, holds when, the rule
-        ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "must be a finite number > 0"),
+        ("lr", 0 < cfg.lr <= 1, "must be a number in (0, 1]: AdamW moves each trained number by about lr a step"),
         ("grad_clip", math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0, "must be a finite number >= 0 (0 = off)"),
         ("warmup", 0 <= cfg.warmup < 1, "is a fraction of the steps, in [0, 1)"),
         ("weight_decay", math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "must be a finite number >= 0"),

@@ -23,3 +23,32 @@ def test_micro_batches_keep_every_rollout_once_within_the_budget():
         assert seen == sorted(id(r) for g in groups for r in g.rollouts)
         for b in batches:
             assert RG.padded_tokens(b) <= budget or (len(b) == 1 and len(b[0].rollouts) == 1)
+
+
+def test_micro_batches_are_the_least_padding_of_all_cuts_of_the_sorted_rows():
+    """Against brute force: every way of cutting the rows, sorted by length, into micro-batches
+    within the budget; the cost is padded tokens + MICRO_BATCH_COST each. Lengths spread like a
+    GSM8K step's (a few long rows among short ones), where one micro-batch would pad ~everything."""
+    import itertools
+    lengths = [[30, 400, 35, 28], [33, 31], [200, 29, 410]]
+    groups = [RG.Group([1] * p, [RG.Rollout([2] * n, 1.0, [0.0] * n) for n in ns])
+              for p, ns in zip((20, 60, 40), lengths)]
+    rows = sorted(((gi, r) for gi, g in enumerate(groups) for r in g.rollouts), key=lambda x: len(x[1].completion))
+
+    def as_batch(part):
+        owners = sorted({gi for gi, _ in part})
+        return [RG.Group(groups[gi].prompt, [r for g2, r in part if g2 == gi]) for gi in owners]
+
+    for budget in (5000, 1500, 900):
+        costs = []
+        for cuts in itertools.product((0, 1), repeat=len(rows) - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(rows)]
+            batches = [as_batch(rows[a:b]) for a, b in zip(bounds, bounds[1:])]
+            if all(RG.padded_tokens(b) <= budget for b in batches):
+                costs.append(sum(RG.padded_tokens(b) + RG.MICRO_BATCH_COST for b in batches))
+        ours = RG.micro_batches(groups, budget)
+        assert all(RG.padded_tokens(b) <= budget for b in ours)
+        assert sum(RG.padded_tokens(b) + RG.MICRO_BATCH_COST for b in ours) == min(costs)
+        assert sorted(id(r) for b in ours for g in b for r in g.rollouts) == sorted(id(r) for _, r in rows)
+    one = sum(len(g.rollouts) for g in groups) * 409 + 3 * 60  # everything in one micro-batch
+    assert sum(RG.padded_tokens(b) for b in RG.micro_batches(groups, 5000)) < one / 2

@@ -14,7 +14,7 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, tiny_qwen, 
     cfg = TrainConfig(task="toy")
     with torch.no_grad():
         model.steering.fill_(1.0)
-    RL.save_checkpoint(tmp_path, model, opt, cfg, step=4, epoch=0, offset=16, skipped_steps=0, data_fingerprint="abc")
+    RL.save_checkpoint(tmp_path, model, opt, cfg, step=4, epoch=0, offset=16, data_fingerprint="abc")
 
     def dies_half_way(obj, f):
         f.write(b"PK\x03\x04 partial")
@@ -23,7 +23,7 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, tiny_qwen, 
     with torch.no_grad():
         model.steering.fill_(2.0)
     with pytest.raises(KeyboardInterrupt):
-        RL.save_checkpoint(tmp_path, model, opt, cfg, step=6, epoch=0, offset=24, skipped_steps=0, data_fingerprint="abc")
+        RL.save_checkpoint(tmp_path, model, opt, cfg, step=6, epoch=0, offset=24, data_fingerprint="abc")
     assert (tmp_path / "checkpoint.pt.tmp").exists()  # the stray half-written file
     state = RL.load_checkpoint(tmp_path)
     assert state["step"] == 4 and torch.equal(state["trainable"][0], torch.ones_like(model.steering))
@@ -35,8 +35,7 @@ def test_a_full_disk_at_a_checkpoint_names_the_path_and_keeps_the_previous_one(t
     model = M.Transformer.from_pretrained(tiny_qwen)
     opt = torch.optim.AdamW([model.steering], lr=0.1)
     cfg = TrainConfig(task="toy")
-    RL.save_checkpoint(tmp_path, model, opt, cfg, step=2, epoch=0, offset=8, skipped_steps=0,
-                                 data_fingerprint="abc")
+    RL.save_checkpoint(tmp_path, model, opt, cfg, step=2, epoch=0, offset=8, data_fingerprint="abc")
 
     def disk_full(obj, f):
         f.write(b"PK\x03\x04 partial")
@@ -45,8 +44,7 @@ def test_a_full_disk_at_a_checkpoint_names_the_path_and_keeps_the_previous_one(t
     with torch.no_grad():
         model.steering.fill_(2.0)
     with pytest.raises(SystemExit) as e:
-        RL.save_checkpoint(tmp_path, model, opt, cfg, step=4, epoch=0, offset=16, skipped_steps=0,
-                                     data_fingerprint="abc")
+        RL.save_checkpoint(tmp_path, model, opt, cfg, step=4, epoch=0, offset=16, data_fingerprint="abc")
     assert "No space left on device" in str(e.value) and str(tmp_path / "checkpoint.pt.tmp") in str(e.value)
     assert "previous checkpoint" in str(e.value)
     assert not list(tmp_path.glob("*.tmp"))

@@ -1,6 +1,6 @@
 """train.py end to end on CPU: the quickstart learns, two gloo ranks equal one process, a run
 killed with SIGKILL and resumed ends bit-identical to an uninterrupted one, checkpoints survive
-a crash mid-write, bad gradients skip the update. train.py is run as a program (it is one);
+a crash mid-write, a non-finite loss stops the run (and never updates). train.py is run as a program (it is one);
 the checkpoint and update functions are also called in-process."""
 import json
 import math
@@ -83,7 +83,7 @@ def test_quickstart_reward_rises(tmp_path):
     assert meta["step"] == "10" and model.steering.abs().max() > 0
     L, d = model.steering.shape
     assert all(r["bytes_allreduced"] == 4 * L * d for r in rows)
-    assert all(len(r["steering_norm"]) == L and not r["skipped"] for r in rows)
+    assert all(len(r["steering_norm"]) == L for r in rows)
     assert rows[-1]["logprob_gap"] < 1e-4  # sampler and trainer score the same distribution
 
 
@@ -102,7 +102,8 @@ def test_the_baselines_learn_the_quickstart(tmp_path, adapter):
 
 
 @pytest.mark.parametrize("flag,value,says", [
-    ("--lr", "inf", "--lr inf: must be a finite number > 0"), ("--lr", "nan", "--lr nan: must be a finite number > 0"),
+    ("--lr", "inf", "--lr inf: must be a number in (0, 1]"), ("--lr", "nan", "--lr nan: must be a number in (0, 1]"),
+    ("--lr", "1e38", "--lr 1e+38: must be a number in (0, 1]"),
     ("--grad-clip", "nan", "--grad-clip nan: must be a finite number >= 0"),
     ("--warmup", "2", "--warmup 2.0: is a fraction of the steps, in [0, 1)"),
     ("--max-steps", "-5", "--max-steps -5: must be >= 0"), ("--epochs", "0", "--epochs 0: must be >= 1"),
@@ -119,6 +120,34 @@ def test_a_number_that_cannot_work_is_one_line_before_anything_loads(tmp_path, f
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: config error: "), proc.stderr
     assert says in lines[0], lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    """The loss turns NaN at step 4 (the loss function poisoned from its 4th call: one micro-batch a
+    step here): one line naming the step and the checkpoint kept, exit 2, no NaN written anywhere;
+    the same command, unpoisoned, continues from step 2."""
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "--max-steps", "5", "--checkpoint-every", "2", "--out-dir", str(run_dir)]
+    poisoned = (f"import sys; sys.argv = ['train.py', *{args!r}]; sys.path.insert(0, {str(ROOT)!r})\n"
+                "import rloo, train, cluster\n"
+                "real, calls = rloo.policy_loss, []\n"
+                "def policy_loss(*a, **k):\n"
+                "    calls.append(1)\n"
+                "    return real(*a, **k) * (float('nan') if len(calls) >= 4 else 1.0)\n"
+                "rloo.policy_loss = policy_loss\n"
+                "cluster.run_cli(train.main)\n")
+    proc = subprocess.run([sys.executable, "-c", poisoned], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=ENV)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: step 4: the loss or the gradient is not finite"), lines[0]
+    assert f"The last checkpoint, step 2 in {run_dir}, is kept" in lines[0], lines[0]
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]  # the bad step is not logged
+    assert "NaN" not in (run_dir / "metrics.jsonl").read_text()
+    assert torch.isfinite(steering(run_dir)).all()
+    again = check(run(args))
+    assert f"resuming {run_dir} at step 2/5" in again.stdout
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5]
 
 
 def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
@@ -714,7 +743,7 @@ def test_out_of_memory_halves_the_micro_batch_and_gives_the_same_gradient(tiny_q
         run(1000)
 
 
-def test_non_finite_gradient_skips_the_update(train_module, one_rank_group, tiny_qwen):
+def test_a_non_finite_gradient_never_updates(train_module, one_rank_group, tiny_qwen):
     cfg = train_module.TrainConfig(grad_clip=2.0)
     model = M.Transformer.from_pretrained(tiny_qwen)
     steer = model.steering
