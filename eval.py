@@ -73,6 +73,7 @@ import memory
 import model as M
 import reward
 from rl_task import EVAL_GRADE_TIMEOUT, Task, completion_budget, math_task
+from run_lifecycle import config_dir
 from sample import Sampler
 
 # -----------------------------------------------------------------------------
@@ -112,7 +113,8 @@ class EvalConfig:
         "help": "the ± over seeds: sample (n - 1 denominator; default) or population (n, numpy's np.std: the "
                 "paper's; default with --protocol paper)"})
     limit: int | None = field(default=None, metadata={"help": "only the first N problems of each benchmark"})
-    out: str = field(default="eval_out", metadata={"help": "output folder"})
+    out: str = field(default="", metadata={
+        "help": "output folder (default: runs/eval-<hash of the other flags>; the same command writes the same one)"})
     data_dir: str | None = field(default=None, metadata={
         "help": f"dataset folder (default ${data.ENV_VAR}, else ../shared/data next to the repo)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: the model's)"})
@@ -544,12 +546,13 @@ def main(argv=None):
         results = summarize(records, [s.name for s in setups], names, population)
         best = best_checkpoints(results, setups) if cfg.checkpoints == "best" else {}
         table = markdown_table(results, setups, names, Path(cfg.model).name, population, best)
-        write_outputs(Path(cfg.out), cfg, setups, names, records, results, table, best)
+        out = Path(cfg.out or config_dir("eval", {k: v for k, v in asdict(cfg).items() if k != "out"}))
+        write_outputs(out, cfg, setups, names, records, results, table, best)
         print(table)
         tokens = sum(r["n_tokens"] for r in records)
         elapsed = time.time() - started
         print(f"{len(records)} samples, {tokens} generated tokens in {elapsed:.0f}s ({tokens / max(elapsed, 1e-9):.0f} "
-              f"tok/s); wrote {cfg.out}/results.md, results.json, samples.jsonl", file=sys.stderr)
+              f"tok/s); wrote {out}/results.md, results.json, samples.jsonl", file=sys.stderr)
         if cfg.wandb_project:
             log_to_wandb(cfg, results, setups, names)
     cluster.close()

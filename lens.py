@@ -776,13 +776,33 @@ def draw_scale(plt, result):
 # Loading
 
 
+class TokenIds:
+    """Stands in for the tokenizer of a model that has none (the random-tiny model of a --task toy
+    run): token 5 is '<5>'."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
 def load_study(args) -> tuple[Study, dict, str]:
     _, meta = M.read_steering(args.steering)
     model_id = args.model or meta.get("base_model")
     if not model_id:
         raise ValueError(f"{args.steering} names no base_model in its metadata: pass --model")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = M.load_for_cli(model_id, args.tokenizer, args.dtype, device)
+    if args.tokenizer or (M.resolve_checkpoint(model_id) / "tokenizer.json").is_file():
+        model, tokenizer = M.load_for_cli(model_id, args.tokenizer, args.dtype, device)
+    elif getattr(args, "bench", None):
+        raise ValueError(f"{M.resolve_checkpoint(model_id)} has no tokenizer.json (a --task toy run's model has "
+                         "none), and this analysis runs on benchmark prompts: pass --tokenizer DIR. `lens.py lens` "
+                         "works without one, naming tokens by id")
+    else:  # the lens reads only vectors and the head: tokens are named by id
+        model = M.Transformer.from_pretrained(model_id, dtype=M.auto_dtype(device) if args.dtype == "auto"
+                                              else args.dtype, device=device)
+        tokenizer = TokenIds(model.config.vocab_size)
     model.load_steering(args.steering)
     study = Study(model, tokenizer, model.steering.detach().clone(), tokenizer.vocab_size)
     if getattr(args, "bench", None):

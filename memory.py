@@ -142,15 +142,17 @@ class Plan:
 
     def summary(self) -> str:
         gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
-        head = (f"memory plan ({self.device}, {self.available / GiB:.1f} GiB available, {gib(self.usable)} planned): "
+        head = (f"memory plan ({self.device}, {self.available / GiB:.1f} GiB available, {gib(self.usable)} usable): "
                 f"weights {gib(self.weights)}, adapter+optimizer {gib(self.training_state)}, "
                 f"KV pool {gib(self.kv_bytes)} = {self.kv_cache_tokens:,} tokens "
                 f"(# KV blocks: {self.kv_cache_tokens // self.block_size} of {self.block_size})")
+        at_most = self.weights + self.training_state + self.kv_bytes
         if self.micro_batch_tokens is None:
-            return head
+            return f"{head}; at most {gib(at_most)} in use"
         return (f"{head}, activations {self.activation_bytes_per_token / KiB:.0f} KiB/token "
                 f"{'with' if self.recompute else 'without'} recompute -> micro-batch {self.micro_batch_tokens:,} "
-                f"tokens ({gib(self.activation_bytes)}), recompute {'on' if self.recompute else 'off'}")
+                f"tokens ({gib(self.activation_bytes)}), recompute {'on' if self.recompute else 'off'}; "
+                f"at most {gib(at_most + self.activation_bytes)} in use")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -179,7 +181,7 @@ def plan(cfg: M.Config, dtype, device, *, available: int, adapter=Steering, trai
     adapter = adapter_class(adapter)
     state = trainable * adapter.state_bytes_per_trainable(dtype)  # (param or master) + grad + 2 moments
     left = usable - weights - state
-    where = f"{device.type}, {available / GiB:.1f} GiB available, {usable / GiB:.1f} GiB planned"
+    where = f"{device.type}, {available / GiB:.1f} GiB available, {usable / GiB:.1f} GiB usable"
     if left <= 0:
         raise MemoryPlanError(f"memory ({where}): weights {weights / GiB:.2f} GiB + adapter/optimizer state "
                               f"{state / GiB:.2f} GiB do not fit: use a smaller model, --adapter steering or a larger device")

@@ -212,12 +212,16 @@ def metrics_step(line: str) -> float:
         return math.inf
 
 
+def config_dir(name: str, config: dict) -> str:
+    """runs/<name>-<hash of the config>: the same command finds the same directory again (a re-run
+    continues a training run, a torchrun restart finds the run it began; an evaluation overwrites
+    its own results), another config another one."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    return f"runs/{name}-{digest}"
+
+
 def default_run_dir(cfg) -> str:
-    """runs/<preset or task>-<hash of the config>: the same command finds the same directory again
-    (a re-run continues it, a torchrun restart finds the run it began), another config another one."""
-    what = {k: v for k, v in asdict(cfg).items() if k not in RUN_DIR_FIELDS}
-    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
-    return f"runs/{cfg.preset or cfg.task}-{digest}"
+    return config_dir(cfg.preset or cfg.task, {k: v for k, v in asdict(cfg).items() if k not in RUN_DIR_FIELDS})
 
 # -----------------------------------------------------------------------------
 # Stopping: SIGTERM (schedulers before pre-emption, torchrun when a peer failed) and SIGINT

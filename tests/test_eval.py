@@ -285,6 +285,22 @@ def test_end_to_end_tiny_model(tiny_with_tokenizer, tmp_path, capsys):
     assert "math500 seed 1: 25/25 samples, " in printed.err and " tok/s" in printed.err, printed.err
 
 
+def test_without_out_the_results_go_to_a_folder_named_by_the_flags(tiny_with_tokenizer, tmp_path, monkeypatch):
+    """No eval_out/ dropped into the checkout: runs/eval-<hash of the flags> under the working
+    directory, the same folder for the same command, another for other flags."""
+    if not (DATA_DIR / "gsm8k_test.jsonl").is_file():
+        pytest.skip(f"{DATA_DIR}/gsm8k_test.jsonl is absent (the shared data)")
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(tiny_with_tokenizer), "--bench", "gsm8k", "--limit", "2", "--max-new-tokens", "2",
+            "--data-dir", str(DATA_DIR), "--grade-workers", "1", "--kv-cache-tokens", "256"]
+    for extra in ([], [], ["--limit", "1"]):
+        ev.main(args + extra)
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(f.startswith("eval-") for f in folders), folders
+    assert all((tmp_path / "runs" / f / "results.md").is_file() for f in folders)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 def test_torchrun_two_ranks_match_one_process(tiny_with_tokenizer, tmp_path):
     """Two CPU ranks (gloo) split the problems and rank 0 gathers them: greedy completions and
     scores are those of a single process."""

@@ -3,8 +3,11 @@ models whose answer is known (zero vectors, zeroed blocks, a vector only the nor
 an attention change that is a pure shift of the scores), against HF's attention weights and
 unbatched references; and the CLI end to end on a tiny model with a byte-level tokenizer."""
 import json
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -592,3 +595,25 @@ def test_cli_refuses_what_is_not_a_steering_file(chat_model, tmp_path, capsys):
     assert "--layer 5" in one_line_error(capsys, "paths", "--steering", steering, "--layer", "5", *PROMPT_ARGS)
     assert "--limit must be >= 1" in one_line_error(capsys, "ablate", "--steering", steering, "--limit", "0")
     assert "--alphas" in one_line_error(capsys, "scale", "--steering", steering, "--alphas", "a,b")
+
+
+def test_the_quickstart_vector_reads_as_its_target_token_without_a_tokenizer(tmp_path):
+    """A --task toy run's model has no tokenizer: `lens.py lens` names tokens by id, and the vector
+    trained to emit token 5 points at <5> in its last layer; an analysis that needs benchmark
+    prompts says which flag, in one line (exit 2)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "qs"
+    train = subprocess.run([sys.executable, str(root / "train.py"), "--quickstart", "--max-steps", "12", "--out-dir",
+                            str(run_dir)], cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert train.returncode == 0, train.stderr[-2000:]
+    vector = str(run_dir / "steering.safetensors")
+    read = subprocess.run([sys.executable, str(root / "lens.py"), "--steering", vector, "--top-k", "3"], cwd=root,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert read.returncode == 0, read.stderr
+    last = [line for line in read.stdout.splitlines() if line.startswith("L1 ")][0]
+    assert last.split("+")[1].split()[0] == "<5>", read.stdout
+    other = subprocess.run([sys.executable, str(root / "lens.py"), "ablate", "--steering", vector], cwd=root,
+                           capture_output=True, text=True, timeout=120, env=env)
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1 and "pass --tokenizer DIR" in lines[0], other.stderr
