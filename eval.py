@@ -331,20 +331,29 @@ def evaluate_setup(sampler, setup: Setup, tasks: dict[str, Task], cfg: EvalConfi
     for bench, task in tasks.items():
         k = samples_per_problem(cfg, bench, setup.temperature)
         for seed in setup.seeds:
-            def shown(groups):
-                if progress is not None:
-                    progress.tokens = getattr(progress, "tokens", 0) + sum(len(c.tokens) for g in groups for c in g)
-                    progress.done = getattr(progress, "done", 0) + len(groups) * k
-                    rate = progress.tokens / max(time.time() - progress.started, 1e-9)
-                    progress.set_description(f"{setup.name} {bench} seed {seed}", refresh=False)
-                    progress.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
-                    progress.update(len(groups) * k)
-                    if progress.plain:  # a log file, not a terminal: one line per generate call
-                        print(f"{setup.name} {bench} seed {seed}: {progress.done}/{progress.total} samples, "
-                              f"{rate:.0f} tok/s", file=sys.stderr, flush=True)
+            def report(done, tokens, final):  # the bar, or one line in a log file
+                rate = tokens / max(time.time() - progress.started, 1e-9)
+                progress.set_description(f"{setup.name} {bench} seed {seed}", refresh=False)
+                progress.set_postfix_str(f"{rate:.0f} tok/s", refresh=not final)
+                if progress.plain:
+                    print(f"{setup.name} {bench} seed {seed}: {done}/{progress.total} samples, {rate:.0f} tok/s",
+                          file=sys.stderr, flush=True)
+
+            def shown(groups):  # after each generate call
+                progress.tokens = getattr(progress, "tokens", 0) + sum(len(c.tokens) for g in groups for c in g)
+                progress.done = getattr(progress, "done", 0) + len(groups) * k
+                progress.update(len(groups) * k)
+                report(progress.done, progress.tokens, final=True)
+
+            def beat(stats):  # within a long generate call, every sample.PROGRESS_SECONDS
+                report(getattr(progress, "done", 0) + stats.finished, getattr(progress, "tokens", 0) +
+                       stats.decode_tokens, final=False)
+            if progress is not None:
+                sampler.on_progress = beat
             done = task.evaluate(sampler, samples=k, temperature=setup.temperature, seed=seed,
                                  max_new_tokens=cfg.max_new_tokens or 4096, max_len=cfg.max_len, top_p=cfg.top_p,
-                                 rank=rank, world=world, batch_prompts=cfg.batch_prompts, progress=shown)
+                                 rank=rank, world=world, batch_prompts=cfg.batch_prompts,
+                                 progress=shown if progress is not None else None)
             for s in done:
                 p, text = task.rows[s.index], task.decode(s.tokens)
                 records.append(dict(setup=setup.name, bench=bench, index=s.index, id=p["id"], seed=seed,

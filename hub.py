@@ -57,8 +57,8 @@ def _download(repo: str, filename: str) -> Path:
     except errors.RepositoryNotFoundError:
         raise FileNotFoundError(f"--steering: {where}: no such repo, or it is private/gated "
                                 "(log in with `hf auth login` or set HF_TOKEN)") from None
-    except (errors.HfHubHTTPError, OSError) as e:  # connection errors, revision, server errors
-        raise FileNotFoundError(f"--steering: {where}: download failed ({type(e).__name__}: {e})") from None
+    except Exception as e:  # connection errors (the HTTP client's own), revision, server errors
+        raise FileNotFoundError(f"--steering: {where}: download failed ({type(e).__name__}: {first_line(e)})") from None
 
 # -----------------------------------------------------------------------------
 # Publishing
@@ -126,10 +126,17 @@ def push(file: str, repo: str, private: bool = False, eval_dir: str | None = Non
         api.create_repo(repo, private=private, exist_ok=True)
         api.create_commit(repo, [huggingface_hub.CommitOperationAdd(name, content) for name, content in files.items()],
                           commit_message=f"steering vector for {meta.get('base_model', 'its base model')}")
-    except (errors.HfHubHTTPError, OSError) as e:
-        raise ValueError(f"push to {repo} failed ({type(e).__name__}: {e}); log in with `hf auth login` or set "
-                         "HF_TOKEN, with write access to the repo") from None
+    except errors.HfHubHTTPError as e:  # the hub answered: refused, or failed
+        raise ValueError(f"push to {repo} failed ({type(e).__name__}: {first_line(e)}); log in with `hf auth "
+                         "login` or set HF_TOKEN, with write access to the repo") from None
+    except Exception as e:  # the hub did not answer: the HTTP client's own errors (httpx's are no OSError)
+        raise ValueError(f"push to {repo} failed: the hub cannot be reached ({type(e).__name__}: {first_line(e)}); "
+                         "check the network, or HF_ENDPOINT / the proxy settings, and push again") from None
     return list(files)
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def main(argv=None):

@@ -58,6 +58,9 @@ class Completion:
     finish_reason: str  # "stop" or "length"
 
 
+PROGRESS_SECONDS = 30.0  # how often a long generate() call reports (Sampler.on_progress)
+
+
 @dataclass
 class Stats:
     """Counters of the last generate() call (tests and benchmarks read them)."""
@@ -65,6 +68,8 @@ class Stats:
     prefill_tokens: int = 0  # tokens run through prefill (re-prefills of pre-empted sequences included)
     decode_tokens: int = 0
     decode_steps: int = 0
+    sequences: int = 0  # the call's sequences (prompts x n)
+    finished: int = 0  # sequences done (stopped or at their budget)
     peak_blocks_used: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -519,6 +524,8 @@ class Sampler:
         self.runner = ModelRunner(model, num_blocks, block_size, vocab_size, max_seq_len, use_triton, cuda_graphs)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_batch_tokens, max_num_seqs)
         self.stats = Stats()
+        # a command line's heartbeat: on_progress(stats) every PROGRESS_SECONDS of a long generate() call
+        self.on_progress = None
         # decode on a CPU is thousands of small ops: the thread count follows the cores left free
         self.cpu_share = cluster.cpu_share() if model.embed_tokens.weight.device.type == "cpu" else None
 
@@ -562,8 +569,10 @@ class Sampler:
         # manager: the pool is whole again even if a previous call was interrupted
         groups = [[Sequence(p, r, list(tokens), len(tokens), limits[p]) for r in range(n)]
                   for p, tokens in enumerate(prompts) if limits[p] > 0]
+        self.stats.sequences = sum(map(len, groups))
         blocks = BlockManager(self.blocks.num_blocks, self.block_size)
         self.scheduler = Scheduler(blocks, self.max_batch_tokens, self.max_num_seqs, groups)
+        beat = time.monotonic()
         while self.scheduler.has_work:
             if self.cpu_share:
                 self.cpu_share.adjust()
@@ -572,6 +581,9 @@ class Sampler:
                 self._prefill(admitted)
             if self.scheduler.running:
                 self._decode()
+            if self.on_progress and time.monotonic() - beat >= PROGRESS_SECONDS:
+                beat = time.monotonic()
+                self.on_progress(self.stats)
         assert blocks.num_free == blocks.num_blocks, "blocks leaked"
         # the parts count these as they go
         self.stats.preemptions, self.stats.peak_blocks_used = self.scheduler.preemptions, blocks.peak_used
@@ -637,6 +649,7 @@ class Sampler:
         tokens, logprobs = sample_tokens(logits.float(), params.temperature, params.top_p, u)
         for seq in self.scheduler.append_tokens(seqs, tokens.tolist(), logprobs.tolist(), params.stop_token_ids):
             self.results[seq.prompt][seq.rollout] = seq.completion()
+            self.stats.finished += 1
 
 # -----------------------------------------------------------------------------
 # Command line: try a (steered) model, as nanoGPT's sample.py. Only this part reads the
@@ -835,6 +848,9 @@ def _run(args) -> list[dict]:
                        kv_cache_tokens=args.kv_cache_tokens, gpu_memory_fraction=0.9)
     sampler = Sampler(model, vocab_size=tokenizer.vocab_size, kv_cache_tokens=plan.kv_cache_tokens,
                       max_seq_len=max(longest, 16))
+    sampler.on_progress = lambda st: print(  # a long call says how far it is, every PROGRESS_SECONDS
+        f"sample.py: {st.finished}/{st.sequences} answers done, {st.decode_tokens:,} tokens at "
+        f"{st.decode_tokens / max(st.decode_seconds + st.prefill_seconds, 1e-9):.0f} tok/s", file=sys.stderr, flush=True)
     # a bar (on stderr) only for an interactive run of several generate calls; printing goes
     # through it so the bar is redrawn below the text
     progress = tqdm(total=len(questions) * len(setups), unit="question", file=sys.stderr,

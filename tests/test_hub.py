@@ -2,6 +2,10 @@
 what each failure says; what push() commits (the file as steering.safetensors, a model card
 built from the file's metadata, the run's config.json and the eval table)."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -166,3 +170,16 @@ def test_push_errors_are_one_line(commits, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         hub.main(["push", str(f), "--repo", "me/v"])
     assert "push to me/v failed (HfHubHTTPError: 401" in str(exit_.value.code) and "HF_TOKEN" in str(exit_.value.code)
+
+
+def test_push_without_a_network_is_one_line(tmp_path):
+    """The real client against a hub that does not answer (a closed local port): one line saying so, exit 2."""
+    f = steering_file(tmp_path / "v.safetensors")
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_not_a_token", HF_HUB_ETAG_TIMEOUT="5",
+               HF_HOME=str(tmp_path / "hf"))
+    hub_py = Path(hub.__file__)
+    proc = subprocess.run([sys.executable, str(hub_py), "push", str(f), "--repo", "me/v"], cwd=hub_py.parent,
+                          capture_output=True, text=True, timeout=120, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: hub.py: push to me/v failed: the hub cannot be reached ("), lines[0]

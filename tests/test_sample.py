@@ -92,6 +92,21 @@ def test_stop_tokens_end_a_completion_and_are_included(qwen):
     assert c.tokens == full[:first + 1] and c.finish_reason == "stop" and len(c.logprobs) == first + 1
 
 
+def test_a_long_call_reports_its_progress(qwen, monkeypatch):
+    """on_progress sees the call's sequences finish one by one up to all of them, and the tokens
+    grow (every PROGRESS_SECONDS: here every step)."""
+    monkeypatch.setattr(sample, "PROGRESS_SECONDS", 0.0)
+    prompts = random_prompts([3, 17, 5])
+    sampler = sample.Sampler(qwen, kv_cache_tokens=512)
+    seen = []
+    sampler.on_progress = lambda st: seen.append((st.finished, st.sequences, st.decode_tokens))
+    lengths = [4, 9, 14]
+    sampler.generate(prompts, n=2, max_new_tokens=lengths, temperature=0)
+    finished = [f for f, _, _ in seen]
+    assert finished == sorted(finished) and finished[-1] == 6 and {t for _, t, _ in seen} == {6}
+    assert 0 < seen[0][2] < seen[-1][2] <= 2 * sum(lengths)
+
+
 @pytest.mark.parametrize("family", ["qwen2-tied", "llama31"])
 def test_greedy_matches_hf_generate(tmp_path, family):
     hf = hf_model(family)
