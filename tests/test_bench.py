@@ -112,3 +112,12 @@ def test_adapter_costs_follow_the_formulas(capsys):
     assert bench.costs(bench.SHAPES["Qwen2.5-14B"])[0]["trainable"] == 245_760
     llama = bench.costs(bench.SHAPES["Llama-3.1-8B"])[0]
     assert round(100 * llama["share"], 4) == 0.0016
+
+
+def test_cpu_contention_benchmark_runs_at_tiny_size(capsys):
+    load_script("cpu_contention").main(["--tiny", "--prompts", "2", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    rows = [figures(line) for line in out.splitlines() if line.startswith(("pinned", "CpuShare"))]
+    assert len(rows) == 4, out
+    for competitors, threads, seconds, rate, ratio in rows:  # printed, values not checked
+        assert competitors in (0, 1) and threads >= 1
