@@ -124,6 +124,8 @@ class EvalConfig:
     device: str | None = field(default=None, metadata={
         "help": "default cuda (cuda:LOCAL_RANK under torchrun), else cpu"})
     steering_scale: float = field(default=1.0, metadata={"help": "alpha in h + alpha * steering[l]"})
+    any_base: bool = field(default=False, metadata={
+        "help": "load adapter files made for other base weights (same shapes): a vector's transfer to a sibling"})
     kv_cache_tokens: int | None = field(default=None, metadata={
         "help": "KV cache size in tokens (default: the memory plan's: one generate call's sequences, at most 90 %% "
                 "of the memory the weights leave)"})
@@ -455,7 +457,7 @@ def bench_names(cfg: EvalConfig) -> list[str]:
     return names
 
 
-def apply_setup(model: M.Transformer, setup: Setup, scale: float, base_folder: Path):
+def apply_setup(model: M.Transformer, setup: Setup, scale: float, base_folder: Path, any_base: bool = False):
     """The row's adapter on the model: none (the base: a zero steering vector), a steering or
     LoRA file, or a full fine-tuning folder (its weights, loaded in place). After a full row the
     base weights are read back from `base_folder`, so every later row starts from the base."""
@@ -464,7 +466,7 @@ def apply_setup(model: M.Transformer, setup: Setup, scale: float, base_folder: P
     if setup.steering is None or model.adapter.trains_base:
         model.set_adapter("steering")  # zeros: the base model
     if setup.steering is not None:
-        model.load_adapter(setup.steering)
+        model.load_adapter(setup.steering, check_base=not any_base)
     model.steering_scale = scale
 
 
@@ -516,6 +518,9 @@ def main(argv=None):
     vocab_size = next(iter(tasks.values())).vocab_size
     available = memory.available_bytes(c.device)  # before the weights load: the plan counts them
     model, _ = M.load_for_cli(cfg.model, cfg.tokenizer, cfg.dtype, c.device)
+    for setup in setups:  # every file made for this base, before the first row runs
+        if setup.steering is not None and not cfg.any_base:
+            model.check_made_for(setup.steering)
     cfg = resolve_lengths(cfg, model.config.max_position_embeddings)
     # the KV pool from the memory plan: one generate call's sequences at once (--batch-prompts x the
     # most samples per problem), at most 90 % of what the weights leave (no backward here)
@@ -542,7 +547,7 @@ def main(argv=None):
     progress.plain, progress.started = c.is_main and not sys.stderr.isatty(), time.time()
     started, records = time.time(), []
     for setup in setups:
-        apply_setup(model, setup, cfg.steering_scale, M.resolve_checkpoint(cfg.model))
+        apply_setup(model, setup, cfg.steering_scale, M.resolve_checkpoint(cfg.model), cfg.any_base)
         records += evaluate_setup(sampler, setup, tasks, cfg, c.rank, c.world, progress)
     progress.close()
     pool.close()

@@ -803,7 +803,7 @@ def load_study(args) -> tuple[Study, dict, str]:
         model = M.Transformer.from_pretrained(model_id, dtype=M.auto_dtype(device) if args.dtype == "auto"
                                               else args.dtype, device=device)
         tokenizer = TokenIds(model.config.vocab_size)
-    model.load_steering(args.steering)
+    model.load_steering(args.steering, check_base=not args.any_base)
     study = Study(model, tokenizer, model.steering.detach().clone(), tokenizer.vocab_size)
     if getattr(args, "bench", None):
         for flag in ("limit", "samples", "max_new_tokens", "batch_size"):
@@ -1006,6 +1006,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--steering", required=True, help="steering file (safetensors, one tensor 'steering' (L, d))")
     common.add_argument("--model", help="base model folder or hub id (default: base_model in the file's metadata)")
     common.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
+    common.add_argument("--any-base", action="store_true",
+                        help="read a steering file made for other base weights (same shapes) on --model's")
     common.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when there is one)")
     common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                         help="compute dtype (auto: model.auto_dtype)")

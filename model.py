@@ -394,11 +394,8 @@ class Transformer(nn.Module):
             folders = ", ".join(name for name, c in ADAPTERS.items() if c.trains_base)
             raise ValueError(f"{where}: adapter kind '{kind}' is unknown or does not match the path (one of "
                              f"{', '.join(ADAPTERS)}; {folders}: a folder, the others a file)")
-        theirs, ours = meta.get("base_fingerprint"), self.adapter.base_fingerprint or self.fingerprint()
-        if check_base and theirs and theirs != ours:
-            raise ValueError(f"{where} was made for base model '{meta.get('base_model')}', whose weights differ "
-                             f"from '{self.config.name}' (fingerprint {theirs} != {ours}); pass check_base=False "
-                             "to load it anyway")
+        if check_base:
+            self.check_made_for(path, meta)
         try:
             options = cls.read_options(meta, self.config.num_layers)
         except (KeyError, ValueError) as e:
@@ -407,7 +404,8 @@ class Transformer(nn.Module):
             load_weights(self, path, self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
             if type(self.adapter) is not cls or self.adapter.options() != options:
                 self._replace_adapter(cls, options)
-            self.adapter.base_loaded(theirs or ours)
+            self.adapter.base_loaded(meta.get("base_fingerprint") or self.adapter.base_fingerprint
+                                     or self.fingerprint())
             return meta
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -439,6 +437,17 @@ class Transformer(nn.Module):
         if not isinstance(self.adapter, Steering):
             raise ValueError(f"save_steering: the adapter is '{self.adapter.kind}', not steering (use save_adapter)")
         self.save_adapter(path, **metadata)
+
+    def check_made_for(self, path, meta=None):
+        """Refuse an adapter file whose metadata names other base weights (its base_fingerprint)."""
+        path = Path(path)
+        meta = meta or adapter_metadata(path)
+        theirs, ours = meta.get("base_fingerprint"), self.adapter.base_fingerprint or self.fingerprint()
+        if theirs and theirs != ours:
+            raise ValueError(f"adapter {'folder' if path.is_dir() else 'file'} {path} was made for base model "
+                             f"'{meta.get('base_model')}', whose weights differ from '{self.config.name}' (fingerprint "
+                             f"{theirs} != {ours}): use it with --model {meta.get('base_model')}, or pass --any-base "
+                             "(check_base=False in Python) to load it on these weights anyway")
 
     def load_steering(self, path, check_base=True) -> dict:
         """load_adapter for a steering file, any other file refused by read_steering (a public

@@ -682,6 +682,8 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
     p.add_argument("--steering", default="none", help="comma-separated setups: file, run dir, org/name[:file], none")
     p.add_argument("--steering-scale", type=float, default=1.0, help="alpha in h + alpha * steering[l]")
+    p.add_argument("--any-base", action="store_true",
+                   help="load steering files made for other base weights (same shapes): a vector's transfer")
     p.add_argument("--file", help="questions, one per line, or JSONL with a 'problem' (and 'answer') field")
     p.add_argument("--answer", action="append", help="reference answer, once per question, in order")
     p.add_argument("--raw", action="store_true", help="encode each question as is (no chat template)")
@@ -744,7 +746,7 @@ def gather_questions(args) -> tuple[list[str], list[str | None]]:
     return questions, answers
 
 
-def steering_setups(model, specs: str, scale: float = 1.0) -> list[tuple[str, torch.Tensor]]:
+def steering_setups(model, specs: str, scale: float = 1.0, any_base: bool = False) -> list[tuple[str, torch.Tensor]]:
     """(label, steering tensor (L, d)) per comma-separated setup, repeats dropped; 'none' is the
     zero vector."""
     import hub
@@ -753,7 +755,7 @@ def steering_setups(model, specs: str, scale: float = 1.0) -> list[tuple[str, to
         if spec.lower() == "none":
             setups.append(("base", torch.zeros_like(model.steering)))
         else:
-            model.load_steering(hub.resolve(spec))
+            model.load_steering(hub.resolve(spec), check_base=not any_base)
             alpha = "" if scale == 1 else f" (alpha {scale:g})"
             setups.append((f"steered {spec}{alpha}", model.steering.detach().clone()))
     return setups
@@ -838,7 +840,7 @@ def _run(args) -> list[dict]:
         raise ValueError(f"--device {args.device!r} is not a torch device") from None
     available = memory.available_bytes(device)  # before the weights load: the plan counts them
     model, tokenizer = M.load_for_cli(args.model, args.tokenizer, args.dtype, device)
-    setups = steering_setups(model, args.steering, args.steering_scale)
+    setups = steering_setups(model, args.steering, args.steering_scale, args.any_base)
     model.steering_scale = args.steering_scale
     # the KV pool from the memory plan: one batch of questions x n at once, at most 90 % of what the
     # weights leave (no backward here); an explicit --kv-cache-tokens that cannot fit is refused

@@ -245,6 +245,9 @@ def _read(path: Path, adapt: Callable[[dict], dict], id_prefix: str) -> list[dic
         rows.append(row)
     if bad:
         shown = "; ".join(bad[:_SHOWN_BAD_ROWS]) + ("; ..." if len(bad) > _SHOWN_BAD_ROWS else "")
+        if not rows:  # nothing to skip to: the file is wrong, not its rows
+            raise ValueError(f"{path}: every row is bad ({len(bad)} of {len(bad)}): {shown}; each line must be a "
+                             "JSON object with a 'problem' and an 'answer'")
         warnings.warn(f"{path}: skipped {len(bad)} bad row(s) of {len(rows) + len(bad)}: {shown}", stacklevel=3)
     return rows
 

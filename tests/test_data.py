@@ -151,6 +151,16 @@ def test_gzip_and_gsm8k_answer_from_solution(tmp_path):
     assert [r["id"] for r in got] == ["gsm8k_train/0", "gsm8k_train/1"]
 
 
+def test_a_file_of_bad_rows_only_is_one_error_naming_the_file(tmp_path):
+    """Not 'no problems' further on, nor a blame on --max-prompt-len: the file and its rows."""
+    path = write_jsonl(tmp_path / "gsm8k_train.jsonl", [{"question": "q", "answer": "1"}, "[1]", '{"problem": '])
+    with pytest.raises(ValueError) as e:
+        data.load("gsm8k", split="train", data_dir=tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: every row is bad (3 of 3): line 1: missing 'problem'"), msg
+    assert "line 2: a JSON list" in msg and "line 3: invalid JSON" in msg
+
+
 def test_bad_rows_are_skipped_counted_and_named(tmp_path):
     path = write_jsonl(tmp_path / "aime24.jsonl", [
         {"id": "a/1", "problem": "p1", "answer": "1"},  # line 1

@@ -527,3 +527,35 @@ def test_real_checkpoint_parity(name):
     print(f"{name}: max |dlogit| {(got - ref).abs().max():.3g}, relative {rel_err(got, ref):.3g}")
     assert rel_err(got, ref) <= 1e-4
     assert torch.equal(got[0, -1].argmax(), ref[0, -1].argmax())
+
+
+@pytest.mark.parametrize("cli", ["sample.py", "eval.py", "lens.py"])
+def test_a_vector_for_other_weights_is_one_line_naming_the_flag_that_loads_it(tmp_path, tiny_with_tokenizer, cli):
+    """Made for another base (same shapes): refused in one line that says which --model it was made
+    for and that --any-base loads it anyway; with --any-base each CLI runs."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from conftest import DATA_DIR
+    model = M.Transformer.from_pretrained(tiny_with_tokenizer)
+    made = tmp_path / "made.safetensors"
+    model.save_steering(made)
+    with safe_open(str(made), "pt") as f:
+        meta = dict(f.metadata(), base_fingerprint="0123456789abcdef", base_model="someone/else")
+    theirs = tmp_path / "theirs.safetensors"
+    save_file(load_file(str(made)), str(theirs), metadata=meta)
+    args = {"sample.py": ["--model", str(tiny_with_tokenizer), "--steering", str(theirs), "--max-new-tokens", "4",
+                          "What is 1 + 1?"],
+            "eval.py": ["--model", str(tiny_with_tokenizer), "--steering", str(theirs), "--bench", "arithmetic",
+                        "--limit", "1", "--max-new-tokens", "4", "--data-dir", str(DATA_DIR), "--out",
+                        str(tmp_path / "eval")],
+            "lens.py": ["lens", "--steering", str(theirs), "--model", str(tiny_with_tokenizer)]}[cli]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / cli), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "made for base model 'someone/else'" in lines[0] and "--model someone/else" in lines[0], lines[0]
+    assert "pass --any-base" in lines[0] and str(theirs) in lines[0], lines[0]
+    anyway = subprocess.run([sys.executable, str(ROOT / cli), *args, "--any-base"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert anyway.returncode == 0, anyway.stderr[-3000:]
