@@ -52,6 +52,7 @@ sees the same random numbers and one vector gets the same score here and in trai
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -179,6 +180,12 @@ def apply_protocol(cfg: EvalConfig) -> EvalConfig:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if cfg.temperature is not None and not 0 <= cfg.temperature < math.inf:  # (NaN fails every comparison)
+        raise ValueError(f"--temperature {cfg.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top-p {cfg.top_p}: must be in (0, 1]")
+    if not math.isfinite(cfg.steering_scale):
+        raise ValueError(f"--steering-scale {cfg.steering_scale}: must be a finite number")
     return cfg
 
 

@@ -806,9 +806,6 @@ def load_study(args) -> tuple[Study, dict, str]:
     model.load_steering(args.steering, check_base=not args.any_base)
     study = Study(model, tokenizer, model.steering.detach().clone(), tokenizer.vocab_size)
     if getattr(args, "bench", None):
-        for flag in ("limit", "samples", "max_new_tokens", "batch_size"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         study.task = math_task(model_id, args.bench, "test", tokenizer=args.tokenizer, data_dir=args.data_dir,
                                limit=args.limit, wrong=0.0, workers=1, lazy_pool=True)
     return study, meta, model_id
@@ -820,6 +817,18 @@ def resolve_layer(layer: int | None, num_layers: int) -> int | None:
     if not -num_layers <= layer < num_layers:
         raise ValueError(f"--layer {layer}: the model has layers 0..{num_layers - 1} (or -1..-{num_layers})")
     return layer % num_layers
+
+
+def check_numbers(args):
+    """Before any model loads: every number the subcommand reads can work (NaN fails each rule)."""
+    for flag in ("limit", "samples", "max_new_tokens", "batch_size", "top_k"):
+        if getattr(args, flag, 1) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= getattr(args, "temperature", 0) < math.inf:
+        raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    alphas = parse_list(getattr(args, "alphas", "1"), float, "--alphas")
+    if not alphas or not all(map(math.isfinite, alphas)):
+        raise ValueError(f"--alphas {args.alphas!r}: one or more finite scales")
 
 
 def parse_list(text: str, kind, flag: str) -> list:
@@ -983,8 +992,6 @@ def run_attention(args):
 def run_scale(args):
     study, meta, model_id = load_study(args)
     alphas = parse_list(args.alphas, float, "--alphas")
-    if not alphas:
-        raise ValueError("--alphas names no scale")
     seqs, info = sequences(study, args)
     steered_acc = study.accuracy(seqs) if args.accuracy else None
     rows = scale_sweep(study, seqs, alphas, args.batch_size, args if args.accuracy else None, steered_acc)
@@ -1064,6 +1071,7 @@ def main(argv=None):
         argv = ["lens", *argv]  # the original interface: python lens.py --steering F ...
     args = build_parser().parse_args(argv)
     try:
+        check_numbers(args)
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"lens.py {args.command}: {e}") from None

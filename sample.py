@@ -34,6 +34,7 @@ the trainer scores with. For temperature 0 (greedy) they are the untempered log-
 """
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -702,8 +703,10 @@ def parse_cli(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error(f"need --temperature >= 0 and 0 < --top-p <= 1 (got {args.temperature}, {args.top_p})")
+    if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):  # (NaN fails every comparison)
+        p.error(f"need a finite --temperature >= 0 and 0 < --top-p <= 1 (got {args.temperature}, {args.top_p})")
+    if not math.isfinite(args.steering_scale):
+        p.error(f"--steering-scale {args.steering_scale}: must be a finite number")
     return args
 
 

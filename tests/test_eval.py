@@ -350,3 +350,17 @@ def test_lora_files_and_full_folders_are_rows_and_the_base_comes_back(tiny_with_
     assert list(by_setup) == ["base", str(tmp_path / "full"), str(tmp_path / "lora.safetensors")]
     assert by_setup[str(tmp_path / "lora.safetensors")] == [r["completion"] for r in alone]
     assert by_setup[str(tmp_path / "full")] != by_setup["base"] != by_setup[str(tmp_path / "lora.safetensors")]
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
+    (["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
+    (["--steering-scale", "nan"], "--steering-scale nan: must be a finite number"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"), (["--samples", "0"], "--samples must be >= 1")])
+def test_a_number_that_cannot_work_is_one_line_before_the_model_loads(tmp_path, flags, says):
+    """The model path does not exist: the flag's error comes first, in one line, exit 2."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "eval.py"), "--model", str(tmp_path / "no-model"), *flags],
+                          cwd=root, capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-2000:]

@@ -617,3 +617,16 @@ def test_the_quickstart_vector_reads_as_its_target_token_without_a_tokenizer(tmp
                            capture_output=True, text=True, timeout=120, env=env)
     lines = other.stderr.strip().splitlines()
     assert other.returncode == 2 and len(lines) == 1 and "pass --tokenizer DIR" in lines[0], other.stderr
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
+    (["--alphas", "1,nan"], "--alphas '1,nan': one or more finite scales"),
+    (["--limit", "0"], "--limit must be >= 1, got 0")])
+def test_a_number_that_cannot_work_is_one_line_before_the_model_loads(tmp_path, flags, says):
+    """The model path does not exist: the flag's error comes first, in one line, exit 2."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "lens.py"), "scale", "--steering", str(tmp_path / "v.safetensors"), "--model", str(tmp_path / "no-model"), *flags],
+                          cwd=root, capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-2000:]

@@ -408,7 +408,7 @@ def test_cli_side_by_side_raw_and_file_questions(tiny_chat, tmp_path, capsys):
         assert r["tokens"] == naive_greedy(model, prompt, 8), r
     assert records[0]["tokens"] != records[1]["tokens"]  # the vector changes the text
     printed = capsys.readouterr().out
-    assert printed.index(f"--- base, truncated at 8 tokens, wrong: boxed None, answer 'x' ---") < printed.index(
+    assert printed.index("--- base, truncated at 8 tokens, wrong: boxed None, answer 'x' ---") < printed.index(
         f"--- {steered}, truncated") < printed.index("=== [2/2]")
     assert "accuracy base: 0/2 = 0.0%" in printed
 
@@ -513,3 +513,16 @@ def test_an_empty_question_is_one_line(tiny_with_tokenizer, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("question 1 of 1 is empty: "
                                                                                   "nothing to answer"), proc.stderr
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--temperature", "nan"], "need a finite --temperature >= 0"), (["--top-p", "0"], "0 < --top-p <= 1"),
+    (["--steering-scale", "inf"], "--steering-scale inf: must be a finite number"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1")])
+def test_a_number_that_cannot_work_is_one_line_before_the_model_loads(tmp_path, flags, says):
+    """The model path does not exist: the flag's error comes first, in one line, exit 2."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "sample.py"), "--model", str(tmp_path / "no-model"), *flags, "hi"],
+                          cwd=root, capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
