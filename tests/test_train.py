@@ -122,6 +122,15 @@ def test_a_number_that_cannot_work_is_one_line_before_anything_loads(tmp_path, f
     assert not (tmp_path / "run").exists()
 
 
+def test_warmup_never_spends_a_step_at_learning_rate_zero(tmp_path):
+    """--max-steps 1 with warmup: the one step still moves the vector (its lr is lr / warmup steps,
+    never 0); and over 10 steps with 3 of warmup the lr climbs lr/3, 2lr/3, lr, then stays."""
+    one = check(run([*SMALL, "--max-steps", "1", "--warmup", "0.03", "--out-dir", str(tmp_path / "one")]))
+    assert "done:" in one.stdout and steering(tmp_path / "one").abs().max().item() == pytest.approx(0.01)
+    check(run([*SMALL, "--max-steps", "10", "--warmup", "0.3", "--out-dir", str(tmp_path / "ten")]))
+    assert [r["lr"] for r in metrics(tmp_path / "ten")] == pytest.approx([0.01 / 3, 0.02 / 3] + [0.01] * 8)
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     """The loss turns NaN at step 4 (the loss function poisoned from its 4th call: one micro-batch a
     step here): one line naming the step and the checkpoint kept, exit 2, no NaN written anywhere;
