@@ -372,10 +372,15 @@ def evaluate_setup(sampler, setup: Setup, tasks: dict[str, Task], cfg: EvalConfi
     return records
 
 
+def none_right(rewards) -> bool:
+    return not any(rewards)
+
+
 def summarize(records: list[dict], setups: list[str], benches: list[str], population: bool = False) -> dict:
     """Per setup and benchmark: metric, per-seed scores, mean ± std (percent; sample std, or
     population std when asked); and Avg. With several samples per problem (avg@32 on AIME/AMC)
-    also `first_sample`: the pass@1 of each problem's first sample alone, per seed."""
+    also `first_sample`: the pass@1 of each problem's first sample alone, per seed; and
+    `headroom`: pass@k, and the problems whose k samples are all right / all wrong (mean over seeds)."""
     runs = defaultdict(lambda: defaultdict(list))  # (setup, bench, seed) -> problem index -> rewards
     for r in records:
         runs[(r["setup"], r["bench"], r["seed"])][r["index"]].append(r["reward"])
@@ -386,7 +391,7 @@ def summarize(records: list[dict], setups: list[str], benches: list[str], popula
             raise ValueError(f"no samples for setup {setup}")
         row = {}
         for bench in benches:
-            per_seed, first, ks, counts = [], [], set(), set()
+            per_seed, first, ks, counts, spread = [], [], set(), set(), []
             for seed in seeds:
                 correct = list(runs[(setup, bench, seed)].values())
                 if not correct:
@@ -394,6 +399,7 @@ def summarize(records: list[dict], setups: list[str], benches: list[str], popula
                 k = len(correct[0])
                 per_seed.append(100 * avg_at_k(correct, k))
                 first.append(100 * pass_at_1([c[:1] for c in correct]))  # records arrive in sample order
+                spread.append([100 * statistics.fmean(test(c) for c in correct) for test in (any, all, none_right)])
                 ks.add(k)
                 counts.add(len(correct))
             if len(ks) != 1 or len(counts) != 1:
@@ -406,6 +412,10 @@ def summarize(records: list[dict], setups: list[str], benches: list[str], popula
                 first_mean, first_std = mean_std(first, population)
                 row[bench]["first_sample"] = dict(metric="pass@1 (first sample)", per_seed=first,
                                                   mean=first_mean, std=first_std)
+                # the headroom RL works in: pass@k bounds what sharpening can reach, and a problem whose
+                # k samples all agree gives a group of k rollouts no signal
+                row[bench]["headroom"] = {name: statistics.fmean(x[i] for x in spread) for i, name in
+                                          enumerate((f"pass@{k}", "all_right", "all_wrong"))}
         avg_per_seed = [statistics.fmean(row[b]["per_seed"][i] for b in benches) for i in range(len(seeds))]
         mean, std = mean_std(avg_per_seed, population)
         results[setup] = dict(benchmarks=row, avg=dict(per_seed=avg_per_seed, mean=mean, std=std))
@@ -444,6 +454,11 @@ def markdown_table(results: dict, setups: list[Setup], benches: list[str], model
         seeds = results[s.name]["benchmarks"][benches[0]]["seeds"]
         runs = "one deterministic run (greedy), std 0" if s.temperature == 0 else f"{len(seeds)} seed(s) {seeds}"
         notes.append(f"- {label(s)}: {metrics}; {runs}")
+        for b in benches:
+            if "headroom" in results[s.name]["benchmarks"][b]:
+                (name, reach), (_, right), (_, wrong) = results[s.name]["benchmarks"][b]["headroom"].items()
+                notes.append(f"  - {DISPLAY.get(b, b)}: {name} {reach:.1f}; every sample right on {right:.1f} % "
+                             f"of the problems, every one wrong on {wrong:.1f} %")
     std = "population std (n, np.std: the paper's)" if population else "sample std (n-1)"
     legend = f"Percent correct, mean ± {std} over seeds."
     if multi:

@@ -132,10 +132,14 @@ def test_core_metrics_end_to_end_with_fakes():
 
     # the first sample alone: b1 seed 0 -> both problems right (100), seed 1 -> one of two (50)
     assert b1["first_sample"]["per_seed"] == [100.0, 50.0] and b1["first_sample"]["mean"] == 75.0
+    # the headroom: seed 0 -> [1, 1], [1, 0]; seed 1 -> [1, 0], [0, 0] (b2: every sample right)
+    assert b1["headroom"] == {"pass@2": 75.0, "all_right": 25.0, "all_wrong": 25.0}
+    assert b2["headroom"] == {"pass@2": 100.0, "all_right": 100.0, "all_wrong": 0.0}
     table = ev.markdown_table({setup.name: results}, [setup], ["b1", "b2"], "tiny")
     assert table.splitlines()[0] == "| Setup | b1 | b1 1st | b2 | b2 1st | Avg. |"
     assert "| 50.0 ± 35.4 | 75.0 ± 35.4 | 100.0 ± 0.0 | 100.0 ± 0.0 | 75.0 ± 17.7 |" in table
     assert "sample std (n-1)" in table
+    assert "  - b1: pass@2 75.0; every sample right on 25.0 % of the problems, every one wrong on 25.0 %" in table
     paper = ev.summarize(records, [setup.name], ["b1", "b2"], population=True)
     assert paper[setup.name]["benchmarks"]["b1"]["std"] == 25.0
     assert "population std (n, np.std" in ev.markdown_table(paper, [setup], ["b1", "b2"], "tiny", population=True)
