@@ -49,7 +49,7 @@ import rloo
 from rl_task import TASKS, Task, completion_budget, eval_task
 from run_lifecycle import (RunLog, StopSignals, check_resume, open_run, restore, run_model, save_checkpoint,
                            step_metrics, write_text)
-from rollout_groups import Group, as_groups, has_signal, micro_batches, refill, with_signal
+from rollout_groups import Group, as_groups, has_signal, micro_batches, padded_tokens, refill, with_signal
 from sample import Sampler
 from train_config import TrainConfig, check_config, parse_args
 
@@ -160,12 +160,14 @@ def backward(model, batch: list[Group], cfg: TrainConfig, vocab_size, totals: di
 @dataclass
 class BackwardRecord:
     """What accumulate_gradient did: the summed loss and |log-prob gap| (over `tokens` completion
-    tokens), the tokens it forwarded, the micro-batches it took, whether some loss was non-finite,
-    and the budget it ended with after halving on OOM."""
+    tokens), the tokens it forwarded (and their padded count: what the matmuls ran over), the
+    micro-batches it took, whether some loss was non-finite, and the budget it ended with after
+    halving on OOM."""
     loss: float
     gap: float
     gap_tokens: int
     forwarded_tokens: int
+    padded_tokens: int
     micro_batches: int
     bad_loss: bool
     budget: int
@@ -193,7 +195,8 @@ def accumulate_gradient(model, groups: list[Group], cfg: TrainConfig, vocab_size
                 loss += mb_loss.item()
                 gap += mb_gap.item()
             return BackwardRecord(loss, gap, sum(len(r.completion) for g in groups for r in g.rollouts),
-                                  sum(g.tokens() for b in batches for g in b), len(batches), bad_loss, budget, retries)
+                                  sum(g.tokens() for b in batches for g in b), sum(map(padded_tokens, batches)),
+                                  len(batches), bad_loss, budget, retries)
         except torch.OutOfMemoryError:
             pass  # outside the handler, so the traceback's frames (and the tensors they hold) are gone
         if budget <= longest:
@@ -362,7 +365,7 @@ def rl_step(run: Run, step: int) -> dict:
              truncated=sum(comp.finish_reason == "length" for comp in completions), adv_abs=adv.abs().sum().item(),
              adv_sq=adv.pow(2).sum().item(), zero_adv_prompts=(adv == 0).all(1).sum().item(), loss=grad.loss,
              gap=grad.gap, gap_tokens=grad.gap_tokens, oom_retries=grad.oom_retries,
-             forwarded=grad.forwarded_tokens, naive=sum(len(g.prompt) + len(r.completion) - 1
+             forwarded=grad.forwarded_tokens, padded=grad.padded_tokens, naive=sum(len(g.prompt) + len(r.completion) - 1
                                                        for g in groups for r in g.rollouts),
              dynamic_draws=draws, signal_prompts=sum(map(has_signal, groups))),
         dict(completion_len=max(lengths), sample_s=t1 - t0, reward_s=t2 - t1, refill_s=t_refill - t2,

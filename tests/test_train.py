@@ -639,6 +639,7 @@ def test_backward_savings_give_the_naive_gradient(tmp_path, train_module, family
         assert record.forwarded_tokens == sum(len(g.prompt) + sum(len(r.completion) - 1 for r in g.rollouts)
                                               for g in pieces)
         assert record.micro_batches == (1 if budget == 1000 else len(pieces) if budget == 1 else record.micro_batches)
+        assert record.padded_tokens == sum(map(RG.padded_tokens, RG.micro_batches(signal, budget)))
     assert sum(len(g.prompt) for g in signal) + sum(len(r.completion) - 1 for g in signal for r in g.rollouts) < \
         sum(len(g.prompt) + len(r.completion) - 1 for g in groups for r in g.rollouts)
 
