@@ -10,6 +10,7 @@ class Rollout:
     completion: list[int]
     advantage: float
     sampler_logprobs: list[float]  # one per completion token
+    truncated: bool = False  # stopped by its budget, not by a stop token
 
 
 @dataclass
@@ -25,11 +26,14 @@ class Group:
         return len(self.prompt) + sum(len(r.completion) - 1 for r in self.rollouts)
 
 
-def as_groups(prompts: list[list[int]], completions, adv) -> list[Group]:
-    """Flat prompt-major completions (N per prompt) and their (P, N) advantages -> one Group per prompt."""
+def as_groups(prompts: list[list[int]], completions, adv, overlong_filter: bool = False) -> list[Group]:
+    """Flat prompt-major completions (N per prompt) and their (P, N) advantages -> one Group per prompt.
+    overlong_filter (DAPO): a truncated rollout is unfinished, not wrong; its advantage becomes 0, so
+    it adds no gradient (its reward still enters its group-mates' leave-one-out baselines)."""
     N = adv.shape[1]
-    return [Group(prompt, [Rollout(comp.tokens, a, comp.logprobs)
-                           for comp, a in zip(completions[k * N:(k + 1) * N], adv[k].tolist())])
+    return [Group(prompt, [Rollout(comp.tokens, 0.0 if overlong_filter and cut else a, comp.logprobs, cut)
+                           for comp, a in zip(completions[k * N:(k + 1) * N], adv[k].tolist())
+                           for cut in [comp.finish_reason == "length"]])
             for k, prompt in enumerate(prompts)]
 
 

@@ -108,9 +108,9 @@ RUN_DIR_FIELDS = ("out_dir", "resume")  # where a run lives, not what it compute
 
 def config_differences(saved: dict, cfg) -> list[str]:
     """The fields (other than the run directory's) on which a saved config.json and `cfg` differ."""
-    mine = asdict(cfg)
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (saved) != {mine[k]!r} (given)"
-            for k in mine if k not in RUN_DIR_FIELDS and saved.get(k) != mine[k]]
+    mine, defaults = asdict(cfg), asdict(type(cfg)())  # a field newer than the saved run: it ran the default
+    return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (saved) != {mine[k]!r} (given)"
+            for k in mine if k not in RUN_DIR_FIELDS and saved.get(k, defaults[k]) != mine[k]]
 
 
 def prepare_run_dir(cfg) -> tuple[Path, dict | None]:
@@ -221,7 +221,11 @@ def config_dir(name: str, config: dict) -> str:
 
 
 def default_run_dir(cfg) -> str:
-    return config_dir(cfg.preset or cfg.task, {k: v for k, v in asdict(cfg).items() if k not in RUN_DIR_FIELDS})
+    """Hashed over the fields that differ from their defaults: an option added later (at its default)
+    leaves every existing run's directory name as it was."""
+    defaults = asdict(type(cfg)())
+    return config_dir(cfg.preset or cfg.task, {k: v for k, v in asdict(cfg).items()
+                                                if k not in RUN_DIR_FIELDS and v != defaults[k]})
 
 # -----------------------------------------------------------------------------
 # Stopping: SIGTERM (schedulers before pre-emption, torchrun when a peer failed) and SIGINT

@@ -95,7 +95,7 @@ def fresh_groups(run, step: int, round_: int, missing: int) -> list[Group]:
     completions = sample(run.sampler, task, cfg, step, indices, offset)
     rewards, _ = task.reward([comp.tokens for comp in completions], [i for i in indices for _ in range(cfg.rollouts)])
     return as_groups([task.prompts[i] for i in indices], completions,
-                     rloo.advantages(torch.tensor(rewards).view(missing, cfg.rollouts)))
+                     rloo.advantages(torch.tensor(rewards).view(missing, cfg.rollouts)), cfg.overlong_filter)
 
 # -----------------------------------------------------------------------------
 # The backward, with two savings that leave the gradient exactly as one forward per rollout gives:
@@ -331,14 +331,15 @@ def rl_step(run: Run, step: int) -> dict:
     rewards, correct = task.reward([comp.tokens for comp in completions], owners)
     adv = rloo.advantages(torch.tensor(rewards).view(per_rank, cfg.rollouts))  # a prompt's rollouts share a rank
     t2 = time.perf_counter()
-    groups = as_groups([task.prompts[i] for i in prompt_indices], completions, adv)
+    groups = as_groups([task.prompts[i] for i in prompt_indices], completions, adv, cfg.overlong_filter)
     draws = 0
     if cfg.dynamic_sampling:
         groups, draws = refill(groups, cfg.dynamic_sampling, functools.partial(fresh_groups, run, step))
     t_refill = time.perf_counter()
 
     lengths = [len(comp.tokens) for comp in completions]
-    count = torch.tensor([float(sum(len(r.completion) for g in groups for r in g.rollouts))], dtype=torch.float64,
+    count = torch.tensor([float(sum(len(r.completion) for g in groups for r in g.rollouts  # (filtered: not counted)
+                                    if not (cfg.overlong_filter and r.truncated)))], dtype=torch.float64,
                          device=c.device)
     dist.all_reduce(count)  # the loss divides by the whole step's completion tokens
     totals = dict(total_sequences=P * cfg.rollouts, max_completion_len=cfg.max_new_tokens or cfg.max_len,

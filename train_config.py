@@ -64,6 +64,9 @@ class TrainConfig:
                                  "drawing fresh prompts for those whose rollouts all got the same reward (no "
                                  "signal), until the step has --prompts-per-step prompts with signal; the rest stay "
                                  "as drawn. 0 = off (the paper's). Logged: dynamic_draws, signal_prompts")
+    overlong_filter: bool = _opt(False, "DAPO's overlong filtering: a rollout cut by the completion budget gets no "
+                                 "gradient (advantage 0) and its tokens leave the token-mean normaliser, so length "
+                                 "is not punished as wrongness. Off = the paper's (truncated = wrong)")
     tis_cap: float = _opt(0.0, "truncated importance sampling: weight each token's log-prob in the loss by "
                           "min(pi_train / pi_sampler, C), correcting the sampler/trainer gap (logprob_gap; bf16, "
                           "CUDA graphs). 0 = off (the paper's); Yao et al. use C = 2")

@@ -52,3 +52,19 @@ def test_micro_batches_are_the_least_padding_of_all_cuts_of_the_sorted_rows():
         assert sorted(id(r) for b in ours for g in b for r in g.rollouts) == sorted(id(r) for _, r in rows)
     one = sum(len(g.rollouts) for g in groups) * 409 + 3 * 60  # everything in one micro-batch
     assert sum(RG.padded_tokens(b) for b in RG.micro_batches(groups, 5000)) < one / 2
+
+
+def test_overlong_filter_takes_the_gradient_from_truncated_rollouts_only():
+    """DAPO's overlong filtering: a rollout cut by its budget gets advantage 0 (with_signal drops it);
+    the others keep the advantages RLOO gave them, truncated rewards included in their baselines."""
+    import torch
+    from types import SimpleNamespace
+    comps = [SimpleNamespace(tokens=[1] * n, logprobs=[0.0] * n, finish_reason=why)
+             for n, why in ((3, "stop"), (8, "length"), (2, "stop"), (8, "length"))]
+    adv = torch.tensor([[1.0, -1.0, 0.5, -0.5]])
+    plain, = RG.as_groups([[7]], comps, adv)
+    filtered, = RG.as_groups([[7]], comps, adv, overlong_filter=True)
+    assert [r.advantage for r in plain.rollouts] == [1.0, -1.0, 0.5, -0.5]
+    assert [r.advantage for r in filtered.rollouts] == [1.0, 0.0, 0.5, 0.0]
+    assert [r.truncated for r in filtered.rollouts] == [False, True, False, True]
+    assert [len(r.completion) for g in RG.with_signal([filtered]) for r in g.rollouts] == [3, 2]

@@ -79,3 +79,14 @@ def test_a_full_disk_during_the_vector_file_is_one_line_too(tmp_path, tiny_qwen,
     assert not list(tmp_path.glob("*.tmp"))
     state = RL.load_checkpoint(tmp_path)
     assert state["step"] == 2 and torch.equal(state["trainable"][0], torch.zeros_like(model.steering))
+
+
+def test_an_option_added_later_changes_neither_a_runs_name_nor_its_resume():
+    """A run saved before a field existed ran that field's default: resuming it finds no difference,
+    and its default directory name hashes only the fields set away from their defaults."""
+    cfg = TrainConfig(task="toy", lr=0.01)
+    saved = {k: v for k, v in vars(cfg).items() if k != "overlong_filter"}  # a config.json from before the field
+    assert RL.config_differences(saved, cfg) == []
+    assert RL.config_differences(saved, TrainConfig(task="toy", lr=0.01, overlong_filter=True)) == [
+        "--overlong-filter False (saved) != True (given)"]
+    assert RL.default_run_dir(cfg) == RL.config_dir("toy", {"task": "toy", "lr": 0.01})

@@ -131,6 +131,17 @@ def test_warmup_never_spends_a_step_at_learning_rate_zero(tmp_path):
     assert [r["lr"] for r in metrics(tmp_path / "ten")] == pytest.approx([0.01 / 3, 0.02 / 3] + [0.01] * 8)
 
 
+def test_overlong_filter_gives_no_gradient_when_every_rollout_is_truncated(tmp_path):
+    """The toy task's completions all run to their budget (truncated_frac 1): with --overlong-filter
+    nothing is backpropagated and the vector stays exactly zero; without it, it moves."""
+    check(run([*SMALL, "--max-steps", "2", "--overlong-filter", "--out-dir", str(tmp_path / "on")]))
+    rows = metrics(tmp_path / "on")
+    assert all(r["truncated_frac"] == 1.0 and r["backward_tokens"] == 0 for r in rows), rows
+    assert not steering(tmp_path / "on").any()
+    check(run([*SMALL, "--max-steps", "2", "--out-dir", str(tmp_path / "off")]))
+    assert steering(tmp_path / "off").any()
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     """The loss turns NaN at step 4 (the loss function poisoned from its 4th call: one micro-batch a
     step here): one line naming the step and the checkpoint kept, exit 2, no NaN written anywhere;
