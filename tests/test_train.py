@@ -672,7 +672,8 @@ class ParitySampler:
     def generate(self, prompts, n, prompt_offset, **_):
         from types import SimpleNamespace
         self.calls.append(([p[0] for p in prompts], prompt_offset))
-        return [[SimpleNamespace(tokens=[p[0], j], logprobs=[0.0, 0.0]) for j in range(n)] for p in prompts]
+        return [[SimpleNamespace(tokens=[p[0], j], logprobs=[0.0, 0.0], finish_reason="stop") for j in range(n)]
+                for p in prompts]
 
 
 def parity_run(train, rounds, size=100, odd=True):
