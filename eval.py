@@ -372,10 +372,6 @@ def evaluate_setup(sampler, setup: Setup, tasks: dict[str, Task], cfg: EvalConfi
     return records
 
 
-def none_right(rewards) -> bool:
-    return not any(rewards)
-
-
 def summarize(records: list[dict], setups: list[str], benches: list[str], population: bool = False) -> dict:
     """Per setup and benchmark: metric, per-seed scores, mean ± std (percent; sample std, or
     population std when asked); and Avg. With several samples per problem (avg@32 on AIME/AMC)
@@ -399,7 +395,8 @@ def summarize(records: list[dict], setups: list[str], benches: list[str], popula
                 k = len(correct[0])
                 per_seed.append(100 * avg_at_k(correct, k))
                 first.append(100 * pass_at_1([c[:1] for c in correct]))  # records arrive in sample order
-                spread.append([100 * statistics.fmean(test(c) for c in correct) for test in (any, all, none_right)])
+                tests = {f"pass@{k}": any, "all_right": all, "all_wrong": lambda c: not any(c)}
+                spread.append({name: 100 * statistics.fmean(map(test, correct)) for name, test in tests.items()})
                 ks.add(k)
                 counts.add(len(correct))
             if len(ks) != 1 or len(counts) != 1:
@@ -414,8 +411,7 @@ def summarize(records: list[dict], setups: list[str], benches: list[str], popula
                                                   mean=first_mean, std=first_std)
                 # the headroom RL works in: pass@k bounds what sharpening can reach, and a problem whose
                 # k samples all agree gives a group of k rollouts no signal
-                row[bench]["headroom"] = {name: statistics.fmean(x[i] for x in spread) for i, name in
-                                          enumerate((f"pass@{k}", "all_right", "all_wrong"))}
+                row[bench]["headroom"] = {name: statistics.fmean(s[name] for s in spread) for name in spread[0]}
         avg_per_seed = [statistics.fmean(row[b]["per_seed"][i] for b in benches) for i in range(len(seeds))]
         mean, std = mean_std(avg_per_seed, population)
         results[setup] = dict(benchmarks=row, avg=dict(per_seed=avg_per_seed, mean=mean, std=std))

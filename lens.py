@@ -793,14 +793,15 @@ def load_study(args) -> tuple[Study, dict, str]:
     if not model_id:
         raise ValueError(f"{args.steering} names no base_model in its metadata: pass --model")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.tokenizer or (M.resolve_checkpoint(model_id) / "tokenizer.json").is_file():
+    folder = M.resolve_checkpoint(model_id)
+    if args.tokenizer or (folder / "tokenizer.json").is_file():
         model, tokenizer = M.load_for_cli(model_id, args.tokenizer, args.dtype, device)
     elif getattr(args, "bench", None):
-        raise ValueError(f"{M.resolve_checkpoint(model_id)} has no tokenizer.json (a --task toy run's model has "
+        raise ValueError(f"{folder} has no tokenizer.json (a --task toy run's model has "
                          "none), and this analysis runs on benchmark prompts: pass --tokenizer DIR. `lens.py lens` "
                          "works without one, naming tokens by id")
     else:  # the lens reads only vectors and the head: tokens are named by id
-        model = M.Transformer.from_pretrained(model_id, dtype=M.auto_dtype(device) if args.dtype == "auto"
+        model = M.Transformer.from_pretrained(folder, dtype=M.auto_dtype(device) if args.dtype == "auto"
                                               else args.dtype, device=device)
         tokenizer = TokenIds(model.config.vocab_size)
     model.load_steering(args.steering, check_base=not args.any_base)
