@@ -2,7 +2,8 @@
 
 Every block calls its adapter at three fixed points (post_attn, down_proj, post_block: see
 model.py's docstring); `prepare` runs once per forward (scales and casts), so a point costs one
-method call. The tensors an adapter reads at those points are read in place, so a CUDA graph
+method call. Steering can also give each sequence of a batch its own vector: a table of vectors
+(Steering.set_table) and one row index per sequence, handed to `prepare` (0 = no steering). The tensors an adapter reads at those points are read in place, so a CUDA graph
 captured around the forward sees optimizer updates (see Transformer.adapter_key).
 
 An adapter kind is one class here, and it answers everything the rest of the code asks of a kind:
@@ -96,7 +97,12 @@ class Adapter(nn.Module):
 
     # ---- where it enters the forward ----
 
-    def prepare(self, dtype, scale):  # once per forward -> `state`, handed to every point
+    def prepare(self, dtype, scale, vector_ids=None):  # once per forward -> `state`, handed to every point
+        """vector_ids: None, or each sequence's (B, 1) or token's (B, T) row of a table of vectors,
+        which only steering has: every other kind runs one adapter per batch."""
+        if vector_ids is not None:
+            raise ValueError(f"one vector per sequence needs the steering adapter; '{self.kind}' runs one "
+                             "adapter per batch: give this batch no vector_ids")
         return None
 
     def post_attn(self, layer, h, state):  # h (B, T, d): after the attention residual
@@ -196,6 +202,9 @@ class Steering(Adapter):
         listed = set(layers)
         self.at_attn = tuple(i in listed and steer_at == "post-attn" for i in range(num_layers))
         self.at_block = tuple(i in listed and steer_at == "post-block" for i in range(num_layers))
+        # (R, L, d): the vectors of a batch whose sequences each carry their own (set_table); row 0 is
+        # zeros, no steering. Not a parameter: nothing trains it, and no file holds it.
+        self.table = None
 
     @classmethod
     def check_options(cls, num_layers, layers=None, steer_at="post-block", **flags):
@@ -214,17 +223,52 @@ class Steering(Adapter):
         cfg = model.config
         return cls(cfg.num_layers, cfg.hidden_size, **options, device=device, dtype=dtype)
 
-    def prepare(self, dtype, scale):
-        return (scale * self.steering).to(dtype)  # (L, d), added in the compute dtype
+    @torch.no_grad()
+    def set_table(self, vectors: torch.Tensor):
+        """vectors (K, L, d), each at its own strength, become rows 1..K of the table; row 0 stays
+        zeros (no steering). The table is added at every layer at this adapter's steer_at (a vector
+        of a layer subset has zero rows elsewhere, and h + 0 is h exactly). Its storage is kept
+        while it has room, so a CUDA graph captured on it reads the new contents without recapture."""
+        K, L, d = vectors.shape
+        if (L, d) != tuple(self.steering.shape):
+            raise ValueError(f"a table of vectors of shape {(L, d)}, but the model's steering is "
+                             f"{tuple(self.steering.shape)}")
+        if self.table is None or len(self.table) < K + 1:
+            self.table = torch.zeros(K + 1, L, d, dtype=self.steering.dtype, device=self.steering.device)
+        self.table[1:K + 1] = vectors
+        self.table[K + 1:] = 0
+
+    def prepare(self, dtype, scale, vector_ids=None):
+        if vector_ids is None:
+            return (scale * self.steering).to(dtype), None  # (L, d), added in the compute dtype
+        if self.table is None:
+            raise ValueError("vector_ids given, but the steering adapter holds no table of vectors (set_table)")
+        return (scale * self.table).to(dtype), vector_ids  # (R, L, d), and each row's index
+
+    def _add(self, layer, h, state, here: bool):
+        vectors, ids = state
+        if ids is None:
+            return h + vectors[layer] if here else h
+        return h + vectors[ids, layer]  # (B, T or 1, d): each sequence's (or token's) own row
 
     def post_attn(self, layer, h, state):
-        return h + state[layer] if self.at_attn[layer] else h
+        return self._add(layer, h, state, self.at_attn[layer]) if self.steer_at == "post-attn" else h
 
     def post_block(self, layer, h, state):
-        return h + state[layer] if self.at_block[layer] else h
+        return self._add(layer, h, state, self.at_block[layer]) if self.steer_at == "post-block" else h
 
     def options(self):
         return dict(layers=self.layers, steer_at=self.steer_at)
+
+    def in_force(self) -> torch.Tensor:
+        """(L, d): a copy of the vectors as the forward adds them, the rows of layers not listed zero
+        (a row of a table of vectors is added at every layer)."""
+        out = torch.zeros_like(self.steering.detach())
+        out[list(self.layers)] = self.steering.detach()[list(self.layers)]
+        return out
+
+    def key(self):
+        return (*super().key(), None if self.table is None else self.table.data_ptr())
 
     def num_trainable(self):
         return len(self.layers) * self.steering.shape[1]
@@ -274,7 +318,8 @@ class LoRA(Adapter):
         cfg = model.config
         return cls(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, **options, device=device, dtype=dtype)
 
-    def prepare(self, dtype, scale):
+    def prepare(self, dtype, scale, vector_ids=None):
+        super().prepare(dtype, scale, vector_ids)  # refuses vector_ids
         return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
     def down_proj(self, layer, x, out, state):

@@ -259,14 +259,16 @@ class Transformer(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def hidden_states(self, tokens, positions=None, attend=causal_attention):
-        """tokens (B, T) -> final-normed hidden states (B, T, d), the adapter applied in every block."""
+    def hidden_states(self, tokens, positions=None, attend=causal_attention, vector_ids=None):
+        """tokens (B, T) -> final-normed hidden states (B, T, d), the adapter applied in every block.
+        vector_ids (B, 1) or (B, T): each sequence's (or token's) row of the steering adapter's table
+        of vectors (adapters.Steering.set_table; 0 = none), instead of the one model.steering."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
         cos, sin = self.rope(positions)
         h = self.embed_tokens(tokens)
         adapter = self.adapter
-        state = adapter.prepare(h.dtype, self.steering_scale)
+        state = adapter.prepare(h.dtype, self.steering_scale, vector_ids)
         for i, block in enumerate(self.layers):
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 h = checkpoint(block, h, cos, sin, attend, i, adapter, state, use_reentrant=False)
@@ -274,9 +276,9 @@ class Transformer(nn.Module):
                 h = block(h, cos, sin, attend, i, adapter, state)
         return self.norm(h)
 
-    def forward(self, tokens, positions=None, attend=causal_attention):
+    def forward(self, tokens, positions=None, attend=causal_attention, vector_ids=None):
         """tokens (B, T) -> logits (B, T, V) in the model dtype."""
-        return F.linear(self.hidden_states(tokens, positions, attend), self.head_weight)
+        return F.linear(self.hidden_states(tokens, positions, attend, vector_ids), self.head_weight)
 
     # ---- the adapter: choosing it, training it (train.py), keying graphs on it (sample.py) ----
 

@@ -79,7 +79,7 @@ class Task:
             groups = sampler.generate(prompts, n=samples, temperature=temperature, top_p=top_p,
                                       max_new_tokens=[completion_budget(len(p), max_new_tokens, max_len)
                                                       for p in prompts],
-                                      stop_token_ids=self.stop_token_ids, seed=call_seed, prompt_offset=chunk[0])
+                                      stop_token_ids=self.stop_token_ids, seed=call_seed, prompt_ids=chunk)
             done += [Sample(i, j, c.tokens, c.finish_reason, c.logprobs)
                      for i, group in zip(chunk, groups) for j, c in enumerate(group)]
             if progress is not None:

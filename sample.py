@@ -24,9 +24,17 @@ prefill / decode forwards, CUDA graphs included); and the Sampler, which drives 
   with split-KV), decode captured in CUDA graphs; its pure-PyTorch path does the same on CPU and
   is the reference the kernels are tested against.
 
+Many vectors, one batch: generate(..., vectors=[row per prompt]) runs each prompt's rollouts with
+its own row of the steering adapter's table of vectors (adapters.Steering.set_table; row 0 = no
+steering). The row is an index per token in prefill and per sequence in decode, so a CUDA graph
+reads the table's current contents and the rows from static buffers. A prompt's blocks are only
+shared by its own rollouts, so sequences under different vectors (whose prompt keys and values
+differ) never share KV.
+
 Sampling is reproducible per sequence: token t of rollout r of prompt p is drawn by inverse-CDF
-with one uniform number hashed from (seed, p, r, t). It depends on nothing else, so results do
-not change with batch composition or pre-emption (bit for bit on CPU in fp32; on GPU the logits
+with one uniform number hashed from (seed, p's id, r, t). It depends on nothing else, so results do
+not change with batch composition, pre-emption or the vector: the same prompt id under K vectors
+in one call draws what each would draw alone (bit for bit on CPU in fp32; on GPU the logits
 themselves move by float rounding with batch shape, which can flip a draw at a CDF boundary). Returned log-probs are
 log_softmax(logits[:vocab_size] / temperature) at the sampled token in fp32, over the FULL
 distribution (not the top-p-truncated one) -- the same formula as model.chunked_logprobs, which
@@ -83,7 +91,7 @@ class SamplingParams:
     top_p: float
     stop_token_ids: frozenset[int]
     seed: int
-    prompt_offset: int  # index of prompt 0 in the caller's whole batch (an input of the per-token hash)
+    prompt_ids: tuple[int, ...]  # per prompt of the call: the id its draws are hashed with
 
 # -----------------------------------------------------------------------------
 # Sequences and their blocks
@@ -102,6 +110,7 @@ class Sequence:
     tokens: list[int]  # prompt + generated; the last one is not yet in the cache
     num_prompt: int
     max_new_tokens: int  # its prompt's completion budget
+    vector: int | None = None  # its row of the steering table (generate's `vectors`); None: the model's adapter
     logprobs: list[float] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # token i lives in block blocks[i // block_size]
     finish_reason: str | None = None  # None while it runs
@@ -378,18 +387,20 @@ class ModelRunner:
     def prefill(self, seqs: list[Sequence]):
         """Every token of every sequence into its blocks; logits at each sequence's last token (S, V)."""
         bs = self.block_size
-        tokens, positions, slots, bounds = [], [], [], []
+        tokens, positions, slots, bounds, vectors = [], [], [], [], []
         for seq in seqs:
             length = len(seq.tokens)
             bounds.append((len(tokens), len(tokens) + length))
             tokens += seq.tokens
             positions += range(length)
             slots += [seq.blocks[i // bs] * bs + i % bs for i in range(length)]
+            vectors += [seq.vector] * length
         dev = self.device
         tok = torch.tensor(tokens, device=dev)[None]  # (1, N)
         pos = torch.tensor(positions, device=dev)[None]  # (1, N)
         slot = torch.tensor(slots, device=dev)  # (N,)
-        h = self.model.hidden_states(tok, pos, self._prefill_attend(slot, bounds))[0]  # (N, d)
+        ids = None if seqs[0].vector is None else torch.tensor(vectors, device=dev)[None]  # (1, N): per token
+        h = self.model.hidden_states(tok, pos, self._prefill_attend(slot, bounds), ids)[0]  # (N, d)
         last = torch.tensor([end - 1 for _, end in bounds], device=dev)
         return F.linear(h[last], self.head_weight)  # (S, V)
 
@@ -416,13 +427,15 @@ class ModelRunner:
         slot = torch.tensor([s.blocks[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, lens)], device=dev)
         table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], dtype=torch.int32, device=dev)
         seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        ids = None if seqs[0].vector is None else torch.tensor([s.vector for s in seqs], device=dev)[:, None]
         if self.graphs is not None and len(seqs) <= GRAPH_BATCH_SIZES[-1]:
-            return self.graphs.run(tok, pos, slot, table, seq_lens)
-        return self.decode_logits(tok, pos, slot, table, seq_lens)
+            return self.graphs.run(tok, pos, slot, table, seq_lens, ids)
+        return self.decode_logits(tok, pos, slot, table, seq_lens, vector_ids=ids)
 
     @torch.inference_mode()
-    def decode_logits(self, tok, pos, slot, table, seq_lens, num_splits=1):
-        """One decode forward: tok/pos (B, 1), slot (B,), table int32 (B, W), seq_lens int32 (B,) -> logits (B, V)."""
+    def decode_logits(self, tok, pos, slot, table, seq_lens, num_splits=1, vector_ids=None):
+        """One decode forward: tok/pos (B, 1), slot (B,), table int32 (B, W), seq_lens int32 (B,),
+        vector_ids (B, 1) or None -> logits (B, V)."""
         table_long = None if self.use_triton else table.long()  # torch indexing wants int64
 
         def attend(layer, q, k, v):  # q (B, 1, H, D), k/v (B, 1, KVH, D)
@@ -434,7 +447,7 @@ class ModelRunner:
                 store_kv_torch(k_cache, v_cache, k[:, 0], v[:, 0], slot)
                 out = paged_decode_attention_torch(q[:, 0], k_cache, v_cache, table_long, seq_lens, self.scale)
             return out[:, None]
-        h = self.model.hidden_states(tok, pos, attend)  # (B, 1, d)
+        h = self.model.hidden_states(tok, pos, attend, vector_ids)  # (B, 1, d)
         return F.linear(h[:, 0], self.head_weight)
 
 
@@ -445,7 +458,9 @@ class _DecodeGraphs:
     so launch grids never change. A capture bakes in the adapter (its kind, options, Python floats
     such as steering_scale, and the addresses of the tensors it reads): model.adapter_key() names
     all of it, and the graphs are re-captured when it changes. The tensors' values are read at
-    replay, so in-place optimizer updates (every adapter, full fine-tuning included) are seen."""
+    replay, so in-place optimizer updates (every adapter, full fine-tuning included) are seen, and
+    so are a steering table's new contents (Steering.set_table keeps its storage). A batch with one
+    vector per sequence replays graphs captured with the rows as a static input (padding: row 0)."""
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
@@ -457,6 +472,7 @@ class _DecodeGraphs:
         self.slot = torch.full((n,), -1, dtype=torch.long, device=dev)
         self.table = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.vector_ids = torch.zeros(n, 1, dtype=torch.long, device=dev)
         self.graphs, self.outputs, self.mempool, self.key = {}, {}, None, None
         self.sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
 
@@ -465,32 +481,35 @@ class _DecodeGraphs:
         programs = batch * self.runner.model.config.num_kv_heads
         return max(1, min(16, self.width, (2 * self.sm_count) // programs))
 
-    def _capture(self, batch):
+    def _capture(self, batch, per_sequence: bool):
         args = (self.tok[:batch], self.pos[:batch], self.slot[:batch], self.table[:batch], self.seq_lens[:batch])
+        ids = self.vector_ids[:batch] if per_sequence else None
         splits = self._splits(batch)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up compiles the kernels outside the capture
-            self.runner.decode_logits(*args, num_splits=splits)
+            self.runner.decode_logits(*args, num_splits=splits, vector_ids=ids)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            self.outputs[batch] = self.runner.decode_logits(*args, num_splits=splits)
+            self.outputs[batch] = self.runner.decode_logits(*args, num_splits=splits, vector_ids=ids)
         self.mempool = graph.pool()
         self.graphs[batch] = graph
 
-    def run(self, tok, pos, slot, table, seq_lens):
+    def run(self, tok, pos, slot, table, seq_lens, vector_ids=None):
         model = self.runner.model
-        key = model.adapter_key()
-        if key != self.key:  # captured graphs hold an old adapter, scale or tensor address
+        key = (model.adapter_key(), vector_ids is None)
+        if key != self.key:  # captured graphs hold an old adapter, scale or tensor address, or other inputs
             self.graphs, self.outputs, self.key = {}, {}, key
         b = tok.shape[0]
         batch = next(x for x in GRAPH_BATCH_SIZES if x >= b)
         self.tok[:b], self.pos[:b], self.slot[:b], self.seq_lens[:b] = tok, pos, slot, seq_lens
         self.tok[b:batch], self.pos[b:batch], self.slot[b:batch], self.seq_lens[b:batch] = 0, 0, -1, 0
         self.table[:b, :table.shape[1]] = table
+        if vector_ids is not None:
+            self.vector_ids[:b], self.vector_ids[b:batch] = vector_ids, 0
         if batch not in self.graphs:
-            self._capture(batch)
+            self._capture(batch, vector_ids is not None)
         self.graphs[batch].replay()
         return self.outputs[batch][:b]
 
@@ -548,28 +567,31 @@ class Sampler:
     def graphs(self):
         return self.runner.graphs
 
-    def decode_logits(self, tok, pos, slot, table, seq_lens, num_splits=1):
-        return self.runner.decode_logits(tok, pos, slot, table, seq_lens, num_splits)
+    def decode_logits(self, tok, pos, slot, table, seq_lens, num_splits=1, vector_ids=None):
+        return self.runner.decode_logits(tok, pos, slot, table, seq_lens, num_splits, vector_ids)
 
     # ---- public entry point ----
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_token_ids=(),
-                 seed=None, prompt_offset=0) -> list[list[Completion]]:
+                 seed=None, prompt_ids=None, vectors=None) -> list[list[Completion]]:
         """`max_new_tokens` is one budget for all prompts or a list with one per prompt (the trainer
-        gives each prompt max_len - its length). `prompt_offset`: a caller that splits one batch of
-        prompts over several processes passes each part's start, so every prompt draws what it
-        would draw in the whole batch."""
+        gives each prompt max_len - its length). `prompt_ids`: the id each prompt's draws are hashed
+        with (default 0, 1, ...): a caller that splits one batch of prompts over several processes
+        passes each part's own ids, so every prompt draws what it would draw in the whole batch.
+        `vectors`: per prompt, its row of the steering adapter's table (adapters.Steering.set_table;
+        0 = no steering); None runs every prompt with the model's adapter as it is."""
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        self._check(prompts, n, limits, temperature, top_p)
+        prompt_ids = tuple(range(len(prompts)) if prompt_ids is None else prompt_ids)
+        self._check(prompts, n, limits, temperature, top_p, prompt_ids, vectors)
         self.stats = Stats()
         seed = random.getrandbits(63) if seed is None else seed
-        self.params = SamplingParams(temperature, top_p, frozenset(stop_token_ids), seed, prompt_offset)
+        self.params = SamplingParams(temperature, top_p, frozenset(stop_token_ids), seed, prompt_ids)
         self.results = [[None if limit else Completion([], [], "length") for _ in range(n)] for limit in limits]
         # waiting work: each prompt's n rollouts, prefilled together. A fresh scheduler and block
         # manager: the pool is whole again even if a previous call was interrupted
-        groups = [[Sequence(p, r, list(tokens), len(tokens), limits[p]) for r in range(n)]
-                  for p, tokens in enumerate(prompts) if limits[p] > 0]
+        groups = [[Sequence(p, r, list(tokens), len(tokens), limits[p], None if vectors is None else vectors[p])
+                   for r in range(n)] for p, tokens in enumerate(prompts) if limits[p] > 0]
         self.stats.sequences = sum(map(len, groups))
         blocks = BlockManager(self.blocks.num_blocks, self.block_size)
         self.scheduler = Scheduler(blocks, self.max_batch_tokens, self.max_num_seqs, groups)
@@ -590,9 +612,21 @@ class Sampler:
         self.stats.preemptions, self.stats.peak_blocks_used = self.scheduler.preemptions, blocks.peak_used
         return self.results
 
-    def _check(self, prompts, n, limits, temperature, top_p):
+    def _check(self, prompts, n, limits, temperature, top_p, prompt_ids, vectors):
         if len(limits) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(limits)} budgets for {len(prompts)} prompts")
+        if len(prompt_ids) != len(prompts):
+            raise ValueError(f"prompt_ids has {len(prompt_ids)} ids for {len(prompts)} prompts")
+        if vectors is not None:
+            table = getattr(self.model.adapter, "table", None)
+            if len(vectors) != len(prompts):
+                raise ValueError(f"vectors has {len(vectors)} rows for {len(prompts)} prompts")
+            if table is None:
+                raise ValueError(f"vectors given, but the model's '{self.model.adapter.kind}' adapter holds no table "
+                                 "of vectors (adapters.Steering.set_table; LoRA and full fine-tuning run one adapter "
+                                 "per batch)")
+            if vectors and not 0 <= min(vectors) <= max(vectors) < len(table):
+                raise ValueError(f"vectors: rows {min(vectors)}..{max(vectors)} outside the table's 0..{len(table) - 1}")
         if n < 1 or min(limits, default=0) < 0 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need n >= 1, max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1 "
                              f"(got n={n}, max_new_tokens={min(limits, default=0)}, temperature={temperature}, "
@@ -644,7 +678,7 @@ class Sampler:
         """Draw each sequence's next token from its logits (B, V); the finished sequences' completions
         go into the results."""
         params = self.params
-        meta = torch.tensor([[s.prompt + params.prompt_offset, s.rollout, s.num_generated] for s in seqs],
+        meta = torch.tensor([[params.prompt_ids[s.prompt], s.rollout, s.num_generated] for s in seqs],
                             device=logits.device)  # (B, 3)
         u = sequence_uniforms(params.seed, meta[:, 0], meta[:, 1], meta[:, 2])
         tokens, logprobs = sample_tokens(logits.float(), params.temperature, params.top_p, u)
@@ -697,7 +731,7 @@ def parse_cli(argv=None) -> argparse.Namespace:
                    help="auto = model.auto_dtype (bfloat16 on CUDA and on CPUs with native bf16 matmuls)")
     p.add_argument("--device", help="default cuda when available, else cpu")
     p.add_argument("--kv-cache-tokens", type=int, help="KV cache size in tokens (default: the sampler's)")
-    p.add_argument("--batch", type=int, default=16, help="questions per generate call (progress moves per call)")
+    p.add_argument("--batch", type=int, default=16, help="questions per generate call, each under every --steering setup (progress moves per call)")
     args = p.parse_args(argv)
     for name, low in (("n", 1), ("max_new_tokens", 1), ("batch", 1), ("kv_cache_tokens", 1)):
         value = getattr(args, name)
@@ -750,17 +784,22 @@ def gather_questions(args) -> tuple[list[str], list[str | None]]:
 
 
 def steering_setups(model, specs: str, scale: float = 1.0, any_base: bool = False) -> list[tuple[str, torch.Tensor]]:
-    """(label, steering tensor (L, d)) per comma-separated setup, repeats dropped; 'none' is the
-    zero vector."""
+    """(label, steering tensor (L, d) as the forward adds it) per comma-separated setup, repeats
+    dropped; 'none' is the zero vector. They run side by side in one batch, so they must steer at
+    one point (--steer-at of their runs); the model's adapter is left steering there."""
     import hub
-    setups = []
+    setups, points = [], {}
     for spec in dict.fromkeys(s.strip() for s in specs.split(",") if s.strip()) or ["none"]:
         if spec.lower() == "none":
             setups.append(("base", torch.zeros_like(model.steering)))
         else:
             model.load_steering(hub.resolve(spec), check_base=not any_base)
             alpha = "" if scale == 1 else f" (alpha {scale:g})"
-            setups.append((f"steered {spec}{alpha}", model.steering.detach().clone()))
+            setups.append((f"steered {spec}{alpha}", model.adapter.in_force()))
+            points.setdefault(model.adapter.steer_at, spec)
+    if len(points) > 1:
+        raise ValueError(f"--steering: {' and '.join(f'{f} steers {at}' for at, f in points.items())}; one batch "
+                         "holds vectors of one --steer-at point: run them in separate calls")
     return setups
 
 
@@ -770,23 +809,24 @@ def encode_questions(tokenizer, args, questions) -> list[list[int]]:
 
 
 def generate_all(model, sampler, tokenizer, args, questions, answers, setups, emit=print, progress=None) -> list[dict]:
-    """Every completion of every setup, batch by batch, printed as each batch ends; one record each."""
+    """Every completion of every setup, batch by batch, printed as each batch ends; one record each.
+    The setups run side by side: one generate call per batch of questions, each setup's copy of a
+    question steered by its own row of the table, and drawing what it would draw alone."""
     prompts = encode_questions(tokenizer, args, questions)
+    model.adapter.set_table(torch.stack([vector for _, vector in setups]))  # setup k: row k + 1
     records, started, generated = [], time.perf_counter(), 0
     for start in range(0, len(prompts), args.batch):
         batch = prompts[start:start + args.batch]
-        outputs = []  # per setup: one list of n completions per question
-        for label, vector in setups:
-            with torch.no_grad():
-                model.steering.copy_(vector)
-            outputs.append(sampler.generate(batch, n=args.n, max_new_tokens=args.max_new_tokens,
-                                            temperature=args.temperature, top_p=args.top_p,
-                                            stop_token_ids=tokenizer.stop_token_ids, seed=args.seed,
-                                            prompt_offset=start))
-            generated += sum(len(c.tokens) for group in outputs[-1] for c in group)
-            if progress is not None:
-                progress.set_postfix_str(f"{generated / (time.perf_counter() - started):.0f} tok/s", refresh=False)
-                progress.update(len(batch))
+        ids = range(start, start + len(batch))
+        out = sampler.generate(batch * len(setups), n=args.n, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p,
+                               stop_token_ids=tokenizer.stop_token_ids, seed=args.seed,
+                               prompt_ids=[*ids] * len(setups), vectors=[k + 1 for k in range(len(setups)) for _ in batch])
+        outputs = [out[k * len(batch):(k + 1) * len(batch)] for k in range(len(setups))]  # per setup, per question
+        generated += sum(len(c.tokens) for group in out for c in group)
+        if progress is not None:
+            progress.set_postfix_str(f"{generated / (time.perf_counter() - started):.0f} tok/s", refresh=False)
+            progress.update(len(batch) * len(setups))
         batch_records = [dict(question=start + i, setup=label, sample=j, tokens=c.tokens, finish_reason=c.finish_reason,
                               text=tokenizer.decode(c.tokens, skip_special_tokens=True), answer=answers[start + i])
                          for i in range(len(batch)) for (label, _), out in zip(setups, outputs)
@@ -849,7 +889,8 @@ def _run(args) -> list[dict]:
     # weights leave (no backward here); an explicit --kv-cache-tokens that cannot fit is refused
     longest = max(map(len, encode_questions(tokenizer, args, questions))) + args.max_new_tokens
     plan = memory.plan(model.config, model.embed_tokens.weight.dtype, device, available=available, trainable=0,
-                       sequences=min(args.batch, len(questions)) * args.n, longest=longest, backward=False,
+                       sequences=min(args.batch, len(questions)) * args.n * len(setups), longest=longest,
+                       backward=False,
                        kv_cache_tokens=args.kv_cache_tokens, gpu_memory_fraction=0.9)
     sampler = Sampler(model, vocab_size=tokenizer.vocab_size, kv_cache_tokens=plan.kv_cache_tokens,
                       max_seq_len=max(longest, 16))

@@ -80,7 +80,8 @@ def sample(sampler, task: Task, cfg: TrainConfig, step: int, prompt_indices: lis
     budgets = [completion_budget(len(p), cfg.max_new_tokens, cfg.max_len) for p in prompts]
     groups = sampler.generate(prompts, n=cfg.rollouts, max_new_tokens=budgets, temperature=cfg.temperature,
                               top_p=cfg.top_p, stop_token_ids=task.stop_token_ids,
-                              seed=(cfg.seed << 32) + step, prompt_offset=rank_offset)
+                              seed=(cfg.seed << 32) + step,
+                              prompt_ids=range(rank_offset, rank_offset + len(prompts)))
     return [c for group in groups for c in group]
 
 

@@ -244,6 +244,49 @@ def test_steering_points_match_hooked_hf(three_layers, steer_at, layers):
     assert (ref - plain).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("steer_at,layers", [("post-block", None), ("post-attn", "0,2")])
+def test_a_table_gives_each_sequence_its_own_vector(three_layers, steer_at, layers):
+    """One forward over a batch whose sequences each name a row of the table (per sequence or per
+    token) equals, sequence by sequence, a forward with that row as model.steering; row 0 is the
+    base. The rows are the vectors in force (in_force: unlisted layers zero), at their strengths."""
+    _, folder = three_layers
+    model = load(folder)
+    model.set_adapter("steering", layers=layers, steer_at=steer_at)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        vectors = []
+        for strength in (1.0, 0.5, -2.0):
+            model.steering.copy_(torch.randn(model.steering.shape, generator=g))
+            vectors.append(strength * model.adapter.in_force())
+        model.steering_scale = 0.7
+        model.adapter.set_table(torch.stack(vectors))
+        toks = tokens(B=5, T=20)
+        ids = torch.tensor([[2], [0], [3], [1], [2]])
+        got = model(toks, vector_ids=ids)
+        per_token = model(toks, vector_ids=ids.expand(-1, 20))
+        for b, row in enumerate(ids[:, 0].tolist()):
+            model.steering.copy_(vectors[row - 1] if row else torch.zeros_like(model.steering))
+            want = model(toks[b:b + 1])[0]
+            assert torch.equal(got[b], want) and torch.equal(per_token[b], want), (b, row)
+        assert not torch.equal(got[0], got[1])  # the rows do differ
+        model.adapter.set_table(torch.stack(vectors[:1]))  # fewer vectors: the storage stays, the rest zeros
+        assert len(model.adapter.table) == 4 and not model.adapter.table[2:].any()
+
+
+def test_a_table_is_refused_where_it_cannot_work(three_layers):
+    _, folder = three_layers
+    model = load(folder)
+    toks, ids = tokens(B=2), torch.tensor([[0], [1]])
+    with pytest.raises(ValueError, match="holds no table of vectors"):
+        model(toks, vector_ids=ids)
+    with pytest.raises(ValueError, match=r"table of vectors of shape \(3, 7\)"):
+        model.adapter.set_table(torch.zeros(2, 3, 7))
+    for kind in ("lora", "full"):
+        model.set_adapter(kind)
+        with pytest.raises(ValueError, match=f"'{kind}' runs one adapter per batch"):
+            model(toks, vector_ids=ids)
+
+
 def test_default_steering_is_todays_forward(tiny_llama):
     """The default adapter computes exactly what model.py computed before adapters: h + (alpha *
     steering).to(dtype)[l] after every block, written out here as a loop over the blocks' parts."""

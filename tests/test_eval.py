@@ -69,9 +69,9 @@ class FakeSampler:
     def __init__(self, pattern):
         self.pattern, self.calls, self.requests = pattern, {}, []
 
-    def generate(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_offset):
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_ids, vectors=None):
         self.requests.append(dict(n=n, temperature=temperature, stop=list(stop_token_ids), seed=seed,
-                                  offset=prompt_offset))
+                                  offset=prompt_ids[0]))
         out = []
         for (p,) in prompts:
             i = self.calls.get(p, 0)

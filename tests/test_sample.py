@@ -326,7 +326,7 @@ def test_per_prompt_budgets_equal_separate_calls(qwen):
     budgets = [5, 0, 9]
     together = sampler.generate(prompts, n=2, max_new_tokens=budgets, temperature=1.0, seed=3)
     for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
-        alone = sampler.generate([prompt], n=2, max_new_tokens=budget, temperature=1.0, seed=3, prompt_offset=i)[0]
+        alone = sampler.generate([prompt], n=2, max_new_tokens=budget, temperature=1.0, seed=3, prompt_ids=[i])[0]
         assert [c.tokens for c in together[i]] == [c.tokens for c in alone]
         assert all(len(c.tokens) <= budget for c in together[i])
     assert together[1][0].tokens == [] and together[1][0].finish_reason == "length"
@@ -336,6 +336,58 @@ def test_per_prompt_budgets_equal_separate_calls(qwen):
 
 # -----------------------------------------------------------------------------
 # The command line
+
+
+@pytest.mark.parametrize("use_triton,new_tokens,pool_blocks", [(False, 20, 5), (True, 6, 3)])  # interpreted Triton: short
+def test_vectors_side_by_side_equal_one_at_a_time(qwen, use_triton, new_tokens, pool_blocks):
+    """Each prompt under each of 4 rows (the base and 3 vectors at different strengths) in ONE call,
+    the copies sharing prompt ids, gives what 4 calls with that vector as model.steering give: the
+    same tokens, the same log-probs. The pool is too small for the batch, so sequences are pre-empted
+    and re-prefilled under their own rows; a prompt's KV is shared only by its rollouts."""
+    prompts = random_prompts([15, 18, 7], seed=5)
+    g = torch.Generator().manual_seed(2)
+    vectors = torch.randn(3, *qwen.steering.shape, generator=g) * torch.tensor([0.3, 0.6, -1.2])[:, None, None]
+    kw = dict(n=2, max_new_tokens=new_tokens, temperature=1.0, seed=7)
+    try:
+        alone = []
+        for v in [torch.zeros_like(qwen.steering), *vectors]:
+            with torch.no_grad():
+                qwen.steering.copy_(v)
+            alone.append(sample.Sampler(qwen, kv_cache_tokens=1024, use_triton=use_triton).generate(prompts, **kw))
+        qwen.set_adapter("steering")
+        qwen.adapter.set_table(vectors)
+        sampler = sample.Sampler(qwen, kv_cache_tokens=16 * pool_blocks, use_triton=use_triton)
+        together = sampler.generate(prompts * 4, prompt_ids=[0, 1, 2] * 4, vectors=[r for r in range(4) for _ in prompts],
+                                    **kw)
+        assert sampler.stats.preemptions > 0
+        assert_pool_whole(sampler)
+    finally:
+        qwen.set_adapter("steering")
+    for row in range(4):
+        for p in range(3):
+            got, want = together[3 * row + p], alone[row][p]
+            assert [c.tokens for c in got] == [c.tokens for c in want], (row, p)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    assert len({tuple(alone[row][0][0].tokens) for row in range(4)}) > 1  # the vectors change the text
+
+
+def test_vectors_refused_where_they_cannot_work(qwen):
+    sampler = sample.Sampler(qwen, kv_cache_tokens=256)
+    prompts = random_prompts([5, 6])
+    with pytest.raises(ValueError, match="holds no table of vectors"):
+        sampler.generate(prompts, vectors=[0, 1])
+    try:
+        qwen.adapter.set_table(torch.zeros(2, *qwen.steering.shape))
+        with pytest.raises(ValueError, match=r"rows 0..3 outside the table's 0..2"):
+            sampler.generate(prompts, vectors=[0, 3])
+        with pytest.raises(ValueError, match="vectors has 1 rows for 2 prompts"):
+            sampler.generate(prompts, vectors=[1])
+        qwen.set_adapter("lora")
+        with pytest.raises(ValueError, match="'lora' adapter holds no table"):
+            sampler.generate(prompts, vectors=[0, 1])
+    finally:
+        qwen.set_adapter("steering")
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +489,7 @@ def test_cli_grades_with_the_reward_and_prints_accuracy():
     answers = ["4", "0.5", "3"]
     lines = []
     setups = [("base", torch.zeros(1))]
-    records = sample.generate_all(SimpleNamespace(steering=torch.ones(1)), EchoSampler(), FakeTokenizer(), args,
+    records = sample.generate_all(SimpleNamespace(adapter=SimpleNamespace(set_table=lambda v: None)), EchoSampler(), FakeTokenizer(), args,
                                   questions, answers, setups, emit=lines.append)
     assert [r["reward"] for r in records] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert lines[1] == "--- base, sample 1/2, correct, answer '4' ---\nso \\boxed{4}"

@@ -669,9 +669,9 @@ class ParitySampler:
     def __init__(self):
         self.calls = []
 
-    def generate(self, prompts, n, prompt_offset, **_):
+    def generate(self, prompts, n, prompt_ids=(0,), **_):
         from types import SimpleNamespace
-        self.calls.append(([p[0] for p in prompts], prompt_offset))
+        self.calls.append(([p[0] for p in prompts], prompt_ids[0]))
         return [[SimpleNamespace(tokens=[p[0], j], logprobs=[0.0, 0.0], finish_reason="stop") for j in range(n)]
                 for p in prompts]
 
@@ -690,7 +690,7 @@ def parity_run(train, rounds, size=100, odd=True):
 
 
 def first_groups(train, run, indices):
-    completions = [c for group in run.sampler.generate([run.task.prompts[i] for i in indices], n=4, prompt_offset=0)
+    completions = [c for group in run.sampler.generate([run.task.prompts[i] for i in indices], n=4)
                    for c in group]
     run.sampler.calls.clear()
     rewards, _ = run.task.reward([c.tokens for c in completions], [i for i in indices for _ in range(4)])
