@@ -1,7 +1,7 @@
 """Benchmark evaluation: the base model and its steered versions side by side, scored and laid
 out like Table 1 of the paper (benchmarks as columns, then Avg.; one row per setup).
 
-    for each setup (the base model = steering zero, then each steering file):
+    for each setup (the base model = steering zero, then each steering file), side by side:
         for each benchmark, for each seed:
             sample k completions per problem, grade the last \\boxed{} against the gold answer
             score = mean over problems of the mean correctness of that problem's k samples
@@ -14,6 +14,13 @@ problem's FIRST sample alone (a '1st' column), as the paper reports for AIME/AMC
 seeds is the SAMPLE std (n - 1 denominator: the seeds are a sample of possible runs) unless
 --std population (n, numpy's np.std, the paper's: 1.22x smaller with 3 seeds); with one seed it
 is 0. Avg. is the mean over benchmarks, and its std is the std over seeds of the per-seed averages.
+
+Side by side: the base model and every steering file sampled alike (the same temperature and
+seeds; e.g. a run's whole history with --checkpoints all) run in ONE sampler pass, each file a row
+of the model's table of vectors and each problem once per row in the same generate calls (sample.py:
+"Many vectors, one batch"). A problem draws the same random numbers under every row, so the results
+equal evaluating the setups one after another (--sequential does that, for comparison); LoRA and
+full fine-tuning setups run alone.
 
 Greedy decoding (temperature 0) is deterministic, so a greedy setup is run ONCE with ONE
 sample per problem, whatever --seeds and --samples say, and reports std 0: k identical samples
@@ -131,7 +138,11 @@ class EvalConfig:
         "help": "KV cache size in tokens (default: the memory plan's: one generate call's sequences, at most 90 %% "
                 "of the memory the weights leave)"})
     batch_prompts: int = field(default=64, metadata={
-        "help": "problems per generate call (the progress bar moves once per call)"})
+        "help": "problems per generate call, each under every setup run side by side (the progress bar moves "
+                "once per call)"})
+    sequential: bool = field(default=False, metadata={
+        "help": "evaluate the setups one after another, not side by side in one batch (the same results; "
+                "for comparison, or to hold one setup's sequences in memory at a time)"})
     grade_workers: int = field(default=4, metadata={"help": "grading processes"})
     grade_timeout: float = field(default=EVAL_GRADE_TIMEOUT, metadata={"help": "seconds allowed to grade one sample"})
     wandb_project: str = field(default="", metadata={
@@ -333,19 +344,23 @@ def mean_std(values: list[float], population: bool = False) -> tuple[float, floa
 # tokenizer and the grader come in as arguments so tests can swap in fakes.
 
 
-def evaluate_setup(sampler, setup: Setup, tasks: dict[str, Task], cfg: EvalConfig, rank: int = 0, world: int = 1,
-                   progress: tqdm | None = None) -> list[dict]:
-    """Every sample of one setup on this rank's share of each benchmark, graded by its Task."""
-    records = []
+def evaluate_setups(sampler, setups: list[Setup], tasks: dict[str, Task], cfg: EvalConfig, rank: int = 0,
+                    world: int = 1, progress: tqdm | None = None, rows: list[int] | None = None) -> list[dict]:
+    """Every sample of the setups on this rank's share of each benchmark, graded by its Task. One
+    setup runs on the model's adapter as it is (rows None); several, sampled alike, run side by side,
+    setup i as row rows[i] of the model's steering table (load_table)."""
+    first, records = setups[0], []
+    name = first.name if len(setups) == 1 else f"{len(setups)} setups"
+    by_row = dict(zip(rows or [None], setups))
     for bench, task in tasks.items():
-        k = samples_per_problem(cfg, bench, setup.temperature)
-        for seed in setup.seeds:
+        k = samples_per_problem(cfg, bench, first.temperature)
+        for seed in first.seeds:
             def report(done, tokens, final):  # the bar, or one line in a log file
                 rate = tokens / max(time.time() - progress.started, 1e-9)
-                progress.set_description(f"{setup.name} {bench} seed {seed}", refresh=False)
+                progress.set_description(f"{name} {bench} seed {seed}", refresh=False)
                 progress.set_postfix_str(f"{rate:.0f} tok/s", refresh=not final)
                 if progress.plain:
-                    print(f"{setup.name} {bench} seed {seed}: {done}/{progress.total} samples, {rate:.0f} tok/s",
+                    print(f"{name} {bench} seed {seed}: {done}/{progress.total} samples, {rate:.0f} tok/s",
                           file=sys.stderr, flush=True)
 
             def shown(groups):  # after each generate call
@@ -359,13 +374,13 @@ def evaluate_setup(sampler, setup: Setup, tasks: dict[str, Task], cfg: EvalConfi
                        stats.decode_tokens, final=False)
             if progress is not None:
                 sampler.on_progress = beat
-            done = task.evaluate(sampler, samples=k, temperature=setup.temperature, seed=seed,
+            done = task.evaluate(sampler, samples=k, temperature=first.temperature, seed=seed,
                                  max_new_tokens=cfg.max_new_tokens or 4096, max_len=cfg.max_len, top_p=cfg.top_p,
                                  rank=rank, world=world, batch_prompts=cfg.batch_prompts,
-                                 progress=shown if progress is not None else None)
+                                 progress=shown if progress is not None else None, vectors=rows)
             for s in done:
                 p, text = task.rows[s.index], task.decode(s.tokens)
-                records.append(dict(setup=setup.name, bench=bench, index=s.index, id=p["id"], seed=seed,
+                records.append(dict(setup=by_row[s.vector].name, bench=bench, index=s.index, id=p["id"], seed=seed,
                                     sample=s.sample, answer=p["answer"], extracted=reward.extract_boxed(text),
                                     reward=s.correct, finish_reason=s.finish_reason, n_tokens=len(s.tokens),
                                     completion=text))
@@ -475,6 +490,48 @@ def bench_names(cfg: EvalConfig) -> list[str]:
     return names
 
 
+def side_by_side(setups: list[Setup], sequential: bool = False) -> list[list[Setup]]:
+    """The setups in groups that run in one sampler pass: the base and the steering files sampled
+    alike (temperature and seeds) and steering at one --steer-at point; a LoRA or full fine-tuning
+    setup, or every setup with `sequential`, alone. Groups in the order of their first setup."""
+    groups = []  # [how it is sampled, its --steer-at point (None: the base alone so far), its setups]
+    for s in setups:
+        meta = M.adapter_metadata(Path(s.steering)) if s.steering is not None else {}
+        if sequential or meta.get("kind", adapters.Steering.kind) != adapters.Steering.kind:
+            groups.append([None, None, [s]])
+            continue
+        alike = (s.temperature, tuple(s.seeds))
+        point = meta.get("steer_at", "post-block") if s.steering is not None else None  # the base: any point
+        group = next((g for g in groups if g[0] == alike and (point is None or g[1] in (None, point))), None)
+        if group is None:
+            groups.append([alike, point, [s]])
+        else:
+            group[1] = group[1] or point
+            group[2].append(s)
+    return [members for _, _, members in groups]
+
+
+def load_table(model: M.Transformer, setups: list[Setup], scale: float, base_folder: Path, any_base: bool = False
+               ) -> list[int]:
+    """The setups' vectors, as the forward adds each, into the model's steering table; returns
+    each setup's row (the base: 0, no steering). A full fine-tune's weights are read back first."""
+    if model.adapter.trains_base:
+        M.load_weights(model, base_folder, model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
+    vectors, rows, point = [], [], "post-block"
+    for s in setups:
+        if s.steering is None:
+            rows.append(0)
+            continue
+        model.load_adapter(s.steering, check_base=not any_base)
+        vectors.append(model.adapter.in_force())
+        rows.append(len(vectors))
+        point = model.adapter.steer_at
+    model.set_adapter("steering", steer_at=point)
+    model.adapter.set_table(torch.stack(vectors) if vectors else torch.zeros(0, *model.steering.shape))
+    model.steering_scale = scale
+    return rows
+
+
 def apply_setup(model: M.Transformer, setup: Setup, scale: float, base_folder: Path, any_base: bool = False):
     """The row's adapter on the model: none (the base: a zero steering vector), a steering or
     LoRA file, or a full fine-tuning folder (its weights, loaded in place). After a full row the
@@ -549,7 +606,8 @@ def main(argv=None):
                              "--max-len cap (default: the model's context): no room for an answer")
     prompts = [p for task in tasks.values() for p in task.prompts]
     longest = max(len(p) + completion_budget(len(p), cfg.max_new_tokens or 4096, cfg.max_len) for p in prompts)
-    most = max(samples_per_problem(cfg, b, s.temperature) for s in setups for b in names)
+    groups = side_by_side(setups, cfg.sequential)
+    most = max(samples_per_problem(cfg, b, g[0].temperature) * len(g) for g in groups for b in names)
     plan = memory.plan(model.config, model.embed_tokens.weight.dtype, c.device, available=available, trainable=0,
                        sequences=min(cfg.batch_prompts, len(prompts)) * most, longest=longest, backward=False,
                        kv_cache_tokens=cfg.kv_cache_tokens, gpu_memory_fraction=0.9,
@@ -564,9 +622,14 @@ def main(argv=None):
     progress = tqdm(total=total, unit="sample", disable=not (c.is_main and sys.stderr.isatty()))
     progress.plain, progress.started = c.is_main and not sys.stderr.isatty(), time.time()
     started, records = time.time(), []
-    for setup in setups:
-        apply_setup(model, setup, cfg.steering_scale, M.resolve_checkpoint(cfg.model), cfg.any_base)
-        records += evaluate_setup(sampler, setup, tasks, cfg, c.rank, c.world, progress)
+    base_folder = M.resolve_checkpoint(cfg.model)
+    for group in groups:
+        rows = None
+        if len(group) == 1:
+            apply_setup(model, group[0], cfg.steering_scale, base_folder, cfg.any_base)
+        else:
+            rows = load_table(model, group, cfg.steering_scale, base_folder, cfg.any_base)
+        records += evaluate_setups(sampler, group, tasks, cfg, c.rank, c.world, progress, rows)
     progress.close()
     pool.close()
     del sampler  # its KV pool: the gather below stages every rank's records on the GPU under NCCL

@@ -36,6 +36,7 @@ class Sample:
     finish_reason: str
     logprobs: list[float]  # the sampler's, of each token
     correct: float | None = None  # 1.0 or 0.0 once graded
+    vector: int | None = None  # the steering table's row it ran under (sample's `vectors`); None: the model's adapter
 
 
 @dataclass
@@ -64,24 +65,30 @@ class Task:
 
     def sample(self, sampler, *, samples: int, temperature: float, seed: int, max_new_tokens: int,
                max_len: int | None, top_p: float = 1.0, rank: int = 0, world: int = 1,
-               batch_prompts: int | None = None, progress: Callable[[list], None] | None = None) -> list[Sample]:
+               batch_prompts: int | None = None, progress: Callable[[list], None] | None = None,
+               vectors: list[int] | None = None) -> list[Sample]:
         """`samples` completions of each of this rank's problems. Ranks take contiguous shares and
         every random draw is hashed from (seed and the task's name, the problem's index, the sample,
         the position): a problem gets the same completions whatever the world size and
-        --batch-prompts, in training, eval.py and lens.py alike. `progress` sees each call's groups."""
+        --batch-prompts, in training, eval.py and lens.py alike. `progress` sees each call's groups.
+        `vectors`: rows of the model's steering table (adapters.Steering.set_table); every problem
+        then runs under each of them in the same generate calls, and draws under each what it would
+        draw with that vector alone (batch_prompts counts problems, not problem x vector)."""
         mine = self.share(rank, world)
         call_seed = seed * 2 ** 32 + zlib.crc32(self.name.encode())
         step = batch_prompts or max(len(mine), 1)
+        rows = [None] if vectors is None else list(vectors)
         done = []
         for start in range(0, len(mine), step):
             chunk = mine[start:start + step]
-            prompts = [self.prompts[i] for i in chunk]
+            prompts = [self.prompts[i] for i in chunk] * len(rows)
             groups = sampler.generate(prompts, n=samples, temperature=temperature, top_p=top_p,
                                       max_new_tokens=[completion_budget(len(p), max_new_tokens, max_len)
                                                       for p in prompts],
-                                      stop_token_ids=self.stop_token_ids, seed=call_seed, prompt_ids=chunk)
-            done += [Sample(i, j, c.tokens, c.finish_reason, c.logprobs)
-                     for i, group in zip(chunk, groups) for j, c in enumerate(group)]
+                                      stop_token_ids=self.stop_token_ids, seed=call_seed, prompt_ids=chunk * len(rows),
+                                      vectors=None if vectors is None else [r for r in rows for _ in chunk])
+            done += [Sample(i, j, c.tokens, c.finish_reason, c.logprobs, vector=rows[g // len(chunk)])
+                     for g, (i, group) in enumerate(zip(chunk * len(rows), groups)) for j, c in enumerate(group)]
             if progress is not None:
                 progress(groups)
         return done

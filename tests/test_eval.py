@@ -115,7 +115,7 @@ def test_core_metrics_end_to_end_with_fakes():
     setup = ev.make_setups(replace(cfg, base=False, steering=__file__))[0]
     assert setup.seeds == [0, 1] and setup.temperature == 1.0
     sampler = FakeSampler(PATTERN)
-    records = ev.evaluate_setup(sampler, setup, fake_tasks(BENCHES), cfg)
+    records = ev.evaluate_setups(sampler, [setup], fake_tasks(BENCHES), cfg)
     assert len(records) == (2 + 1) * 2 * 2  # problems x seeds x samples
     assert sorted({r["extracted"] for r in records}) == ["3", "7"]  # reward.extract_boxed on the decoded text
     assert {req["stop"][0] for req in sampler.requests} == {99}
@@ -148,8 +148,8 @@ def test_core_metrics_end_to_end_with_fakes():
 def test_ranks_split_problems_and_agree_with_one_process():
     cfg = sampled_cfg()
     setup = ev.Setup("s", "s", 1.0, [0, 1])
-    single = ev.evaluate_setup(FakeSampler(PATTERN), setup, fake_tasks(BENCHES), cfg)
-    parts = [ev.evaluate_setup(FakeSampler(PATTERN), setup, fake_tasks(BENCHES), cfg, rank, 2)
+    single = ev.evaluate_setups(FakeSampler(PATTERN), [setup], fake_tasks(BENCHES), cfg)
+    parts = [ev.evaluate_setups(FakeSampler(PATTERN), [setup], fake_tasks(BENCHES), cfg, rank, 2)
              for rank in range(2)]
     assert {r["index"] for r in parts[0]} == {0} and {r["id"] for r in parts[1]} == {"a/1"}
     merged = parts[0] + parts[1]
@@ -161,7 +161,7 @@ def test_greedy_runs_once_with_one_sample():
     setup = ev.make_setups(cfg)[0]
     assert setup.name == "base" and setup.seeds == [0]
     sampler = FakeSampler({0: [[1]], 1: [[0]], 2: [[1]]})
-    records = ev.evaluate_setup(sampler, setup, fake_tasks(BENCHES), cfg)
+    records = ev.evaluate_setups(sampler, [setup], fake_tasks(BENCHES), cfg)
     assert [req["n"] for req in sampler.requests] == [1, 1] and {req["temperature"] for req in sampler.requests} == {0}
     results = ev.summarize(records, ["base"], ["b1", "b2"])["base"]
     assert results["benchmarks"]["b1"] == dict(metric="pass@1", problems=2, seeds=[0], per_seed=[50.0],
@@ -354,6 +354,56 @@ def test_lora_files_and_full_folders_are_rows_and_the_base_comes_back(tiny_with_
     assert list(by_setup) == ["base", str(tmp_path / "full"), str(tmp_path / "lora.safetensors")]
     assert by_setup[str(tmp_path / "lora.safetensors")] == [r["completion"] for r in alone]
     assert by_setup[str(tmp_path / "full")] != by_setup["base"] != by_setup[str(tmp_path / "lora.safetensors")]
+
+
+def test_a_runs_history_runs_side_by_side_as_it_would_one_at_a_time(tiny_with_tokenizer, tmp_path, capsys):
+    """--checkpoints all: the base and every checkpoint of a run in ONE sampler pass (one row of
+    the steering table each) give exactly the samples of evaluating them one after another
+    (--sequential): the same tokens, the same scores. One file trained a layer subset and holds
+    stray numbers in its other rows, which the forward never adds: neither may the table."""
+    if not (DATA_DIR / "gsm8k_test.jsonl").is_file():
+        pytest.skip(f"{DATA_DIR}/gsm8k_test.jsonl is absent (the shared data)")
+    model = M.Transformer.from_pretrained(tiny_with_tokenizer)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dict(adapter="steering")))
+    torch.manual_seed(0)
+    for step, layers in ((1, None), (2, "0"), (3, None)):
+        model.set_adapter("steering", layers=layers)
+        with torch.no_grad():
+            model.steering.copy_(torch.randn_like(model.steering) * 2.0)  # every row, listed or not
+        model.save_steering(run / f"steering-step{step}.safetensors", step=step)
+    common = ["--model", str(tiny_with_tokenizer), "--bench", "gsm8k", "--limit", "3", "--max-new-tokens", "6",
+              "--temperature", "1", "--samples", "2", "--steering", str(run), "--checkpoints", "all",
+              "--data-dir", str(DATA_DIR), "--grade-workers", "1", "--dtype", "float32", "--device", "cpu"]
+    ev.main(common + ["--out", str(tmp_path / "together")])
+    assert "4 setups gsm8k seed 0: 24/24 samples" in capsys.readouterr().err  # one pass: all 4 rows at once
+    ev.main(common + ["--sequential", "--out", str(tmp_path / "apart")])
+    together, apart = [(tmp_path / d / "samples.jsonl").read_text().splitlines() for d in ("together", "apart")]
+    assert len(together) == 4 * 3 * 2 and together == apart
+    completions = {}
+    for r in map(json.loads, together):
+        completions.setdefault(r["setup"], []).append(r["completion"])
+    assert len({tuple(c) for c in completions.values()}) == 4  # every vector changes the text
+    assert (tmp_path / "together" / "results.md").read_text() == (tmp_path / "apart" / "results.md").read_text()
+
+
+def test_side_by_side_groups_what_can_share_a_batch(tiny_with_tokenizer, tmp_path):
+    """One pass holds the base and the steering files sampled alike at one --steer-at point; a file
+    steering post-attn, a LoRA file and a setup sampled otherwise (the paper's greedy base) do not."""
+    model = M.Transformer.from_pretrained(tiny_with_tokenizer)
+    files = {}
+    for name, kind, options in (("a", "steering", {}), ("b", "steering", dict(steer_at="post-attn")),
+                                ("c", "lora", {}), ("d", "steering", {})):
+        model.set_adapter(kind, **options)
+        files[name] = str(tmp_path / f"{name}.safetensors")
+        model.save_adapter(files[name])
+    setups = lambda **kw: ev.make_setups(ev.apply_protocol(ev.EvalConfig(  # noqa: E731
+        model="m", steering=",".join(files.values()), **kw)))
+    names = lambda groups: [[Path(s.name).stem for s in g] for g in groups]  # noqa: E731
+    assert names(ev.side_by_side(setups(temperature=1.0))) == [["base", "a", "d"], ["b"], ["c"]]
+    assert names(ev.side_by_side(setups(protocol="paper"))) == [["base"], ["a", "d"], ["b"], ["c"]]
+    assert names(ev.side_by_side(setups(temperature=1.0), sequential=True)) == [["base"], ["a"], ["b"], ["c"], ["d"]]
 
 
 @pytest.mark.parametrize("flags,says", [
