@@ -242,15 +242,29 @@ class Study:
     def generate(self, vectors: torch.Tensor, args, scale: float = 1.0) -> Sequences:
         """Completions of every problem under `vectors` at scale alpha (--samples, --temperature,
         --seed): the Task's own sampling, so the draws are eval.py's for the same seed."""
-        prompts = self.task.prompts
-        if self._sampler is None:  # a KV cache for every sequence at once, not the sampler's default GiBs
-            need = args.samples * sum(len(p) + args.max_new_tokens + 16 for p in prompts)
+        return self.generate_side_by_side([(vectors, scale)], args)[0]
+
+    def generate_side_by_side(self, variants: list[tuple[torch.Tensor, float]], args) -> list[Sequences]:
+        """generate() for each (vectors (L, d), alpha) of `variants`, all in one sampler pass: each a
+        row of the model's steering table (its vectors as the forward adds them, times alpha), every
+        problem drawing under each row what it draws under that variant alone."""
+        prompts, adapter = self.task.prompts, self.model.adapter
+        # a KV cache for every sequence of up to 8 variants at once (more wait their turn), not the
+        # sampler's default GiBs
+        need = min(len(variants), 8) * args.samples * sum(len(p) + args.max_new_tokens + 16 for p in prompts)
+        if self._sampler is None or self._sampler.blocks.num_blocks * self._sampler.block_size < need:
             self._sampler = Sampler(self.model, kv_cache_tokens=need, vocab_size=self.vocab_size)
-        with steered(self.model, vectors, scale):
+        adapter.set_table(torch.stack([alpha * only(v, list(adapter.layers)) for v, alpha in variants]))
+        with steered(self.model, torch.zeros_like(self.vectors), 1.0):  # the table carries every alpha
             done = self.task.sample(self._sampler, samples=args.samples, temperature=args.temperature,
-                                    seed=args.seed, max_new_tokens=args.max_new_tokens, max_len=None)
-        return Sequences([prompts[s.index] for s in done], [s.tokens for s in done],
-                         [s.finish_reason for s in done], [s.index for s in done], [s.logprobs for s in done])
+                                    seed=args.seed, max_new_tokens=args.max_new_tokens, max_len=None,
+                                    vectors=list(range(1, len(variants) + 1)))
+        out = []
+        for row in range(1, len(variants) + 1):
+            mine = [s for s in done if s.vector == row]
+            out.append(Sequences([prompts[s.index] for s in mine], [s.tokens for s in mine],
+                                 [s.finish_reason for s in mine], [s.index for s in mine], [s.logprobs for s in mine]))
+        return out
 
     def accuracy(self, seqs: Sequences) -> dict:
         """Fraction of sequences whose last \\boxed{} equals their problem's answer (the Task's
@@ -550,15 +564,18 @@ def attention(study: Study, seqs: Sequences, ref: torch.Tensor, treat: torch.Ten
 
 def scale_sweep(study: Study, seqs: Sequences, alphas: list[float], batch_size: int, accuracy_args=None,
                 steered_accuracy: dict | None = None) -> list[dict]:
-    rows = []
-    for alpha in alphas:
-        r = dict(alpha=alpha, logprob=mean_logprob_under(study, seqs, study.vectors, batch_size, alpha))
-        if accuracy_args is not None:
-            if alpha == 1.0 and steered_accuracy is not None:
-                r.update(steered_accuracy)
-            else:
-                r.update(study.accuracy(study.generate(study.vectors, accuracy_args, alpha)))
-        rows.append(r)
+    """Per alpha: the mean log-prob of the steered completions `seqs`, and with `accuracy_args` the
+    graded completions sampled at that alpha: every alpha side by side in one sampler pass."""
+    rows = [dict(alpha=alpha, logprob=mean_logprob_under(study, seqs, study.vectors, batch_size, alpha))
+            for alpha in alphas]
+    if accuracy_args is not None:
+        known = {1.0: steered_accuracy} if steered_accuracy is not None else {}
+        todo = [alpha for alpha in dict.fromkeys(alphas) if alpha not in known]
+        if todo:
+            sampled = study.generate_side_by_side([(study.vectors, alpha) for alpha in todo], accuracy_args)
+            known.update((alpha, study.accuracy(s)) for alpha, s in zip(todo, sampled))
+        for r in rows:
+            r.update(known[r["alpha"]])
     return rows
 
 # -----------------------------------------------------------------------------

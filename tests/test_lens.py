@@ -242,6 +242,36 @@ def test_scale_zero_is_base_and_one_is_steered(qwen):
     assert len({round(r["logprob"], 4) for r in rows}) == 3
 
 
+def test_the_sweep_samples_every_alpha_side_by_side_as_it_would_one_at_a_time(qwen):
+    """lens.py scale --accuracy: the alphas run in one sampler pass (rows of the steering table, at
+    their strengths) and each gets exactly the completions the steered model at that alpha samples
+    alone, and the accuracy the Task grades them with."""
+    from types import SimpleNamespace
+
+    from rl_task import Task
+    from sample import Sampler
+    vecs = random_vectors(qwen, scale=1.0)
+    V = qwen.config.vocab_size
+    prompts = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 6, 4)]
+
+    def reward(completions, owners):  # correct: an even first token
+        correct = [float(bool(c) and c[0] % 2 == 0) for c in completions]
+        return correct, correct
+    study = study_of(qwen, vecs)
+    study.task = Task("toy", prompts, None, [], V, 0, reward)
+    args = SimpleNamespace(samples=2, temperature=1.0, seed=4, max_new_tokens=6)
+    alphas = [0.0, 0.5, 2.5]
+    sampled = study.generate_side_by_side([(vecs, a) for a in alphas], args)
+    for alpha, got in zip(alphas, sampled):
+        with lens.steered(qwen, vecs, alpha):
+            want = study.task.sample(Sampler(qwen, kv_cache_tokens=512), samples=2, temperature=1.0, seed=4,
+                                     max_new_tokens=6, max_len=None)
+        assert got.completions == [s.tokens for s in want] and got.problems == [s.index for s in want], alpha
+    assert len({tuple(map(tuple, s.completions)) for s in sampled}) == 3  # the alphas differ
+    rows = lens.scale_sweep(study, random_sequences(V), alphas, batch_size=2, accuracy_args=args)
+    assert [r["accuracy"] for r in rows] == [study.accuracy(s)["accuracy"] for s in sampled]
+
+
 def test_positions_zero_vector_has_zero_kl(qwen):
     vecs = random_vectors(qwen)
     vecs[1] = 0
