@@ -121,3 +121,13 @@ def test_cpu_contention_benchmark_runs_at_tiny_size(capsys):
     assert len(rows) == 4, out
     for competitors, threads, seconds, rate, ratio in rows:  # printed, values not checked
         assert competitors in (0, 1) and threads >= 1
+
+
+def test_many_vectors_benchmark_runs_at_tiny_size(capsys):
+    """bench/many_vectors.py --tiny: K vectors one after another and side by side, with the share
+    of samples whose tokens agree (fp32: all of them, the table's promise)."""
+    load_script("many_vectors").bench(["--tiny", "--vectors", "1,3", "--problems", "3", "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    rows = [figures(line) for line in out.splitlines() if line.split()[:1] in (["1"], ["3"])]
+    assert [row[0] for row in rows] == [1, 3] and all(len(row) == 9 for row in rows), out
+    assert all(row[-1] == 1.0 for row in rows), out  # the same tokens side by side as one at a time
