@@ -90,7 +90,7 @@ class SamplingParams:
     temperature: float  # 0 = greedy
     top_p: float
     stop_token_ids: frozenset[int]
-    seed: int
+    seeds: tuple[int, ...]  # per prompt of the call: the seed its draws are hashed with
     prompt_ids: tuple[int, ...]  # per prompt of the call: the id its draws are hashed with
 
 # -----------------------------------------------------------------------------
@@ -300,10 +300,12 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def sequence_uniforms(seed: int, prompt, rollout, step):
-    """One uniform in (0, 1) per (seed, prompt index, rollout index, step); int64 tensors (B,) -> float64 (B,)."""
-    h = _mix32(torch.full_like(prompt, seed & 0xFFFFFFFF) ^ 0x5BD1E995)
-    h = _mix32(h ^ _mix32(torch.full_like(prompt, (seed >> 32) & 0xFFFFFFFF)))
+def sequence_uniforms(seed, prompt, rollout, step):
+    """One uniform in (0, 1) per (seed, prompt id, rollout index, step); int64 tensors (B,) (seed: or
+    one int for all) -> float64 (B,)."""
+    seed = torch.as_tensor(seed, dtype=torch.long, device=prompt.device).expand_as(prompt)
+    h = _mix32((seed & 0xFFFFFFFF) ^ 0x5BD1E995)
+    h = _mix32(h ^ _mix32((seed >> 32) & 0xFFFFFFFF))
     for x in (prompt, rollout, step):
         h = _mix32(h ^ _mix32(x + 0x9E3779B9))
     return (h.double() + 0.5) / 2.0 ** 32
@@ -579,6 +581,7 @@ class Sampler:
         gives each prompt max_len - its length). `prompt_ids`: the id each prompt's draws are hashed
         with (default 0, 1, ...): a caller that splits one batch of prompts over several processes
         passes each part's own ids, so every prompt draws what it would draw in the whole batch.
+        `seed`: one for the call, or one per prompt (train.py's runs side by side, each its own seed).
         `vectors`: per prompt, its row of the steering adapter's table (adapters.Steering.set_table;
         0 = no steering); None runs every prompt with the model's adapter as it is."""
         limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -586,7 +589,10 @@ class Sampler:
         self._check(prompts, n, limits, temperature, top_p, prompt_ids, vectors)
         self.stats = Stats()
         seed = random.getrandbits(63) if seed is None else seed
-        self.params = SamplingParams(temperature, top_p, frozenset(stop_token_ids), seed, prompt_ids)
+        seeds = tuple(seed) if isinstance(seed, (list, tuple)) else (seed,) * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seed has {len(seeds)} seeds for {len(prompts)} prompts")
+        self.params = SamplingParams(temperature, top_p, frozenset(stop_token_ids), seeds, prompt_ids)
         self.results = [[None if limit else Completion([], [], "length") for _ in range(n)] for limit in limits]
         # waiting work: each prompt's n rollouts, prefilled together. A fresh scheduler and block
         # manager: the pool is whole again even if a previous call was interrupted
@@ -678,9 +684,9 @@ class Sampler:
         """Draw each sequence's next token from its logits (B, V); the finished sequences' completions
         go into the results."""
         params = self.params
-        meta = torch.tensor([[params.prompt_ids[s.prompt], s.rollout, s.num_generated] for s in seqs],
-                            device=logits.device)  # (B, 3)
-        u = sequence_uniforms(params.seed, meta[:, 0], meta[:, 1], meta[:, 2])
+        meta = torch.tensor([[params.seeds[s.prompt], params.prompt_ids[s.prompt], s.rollout, s.num_generated]
+                             for s in seqs], device=logits.device)  # (B, 4)
+        u = sequence_uniforms(meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3])
         tokens, logprobs = sample_tokens(logits.float(), params.temperature, params.top_p, u)
         for seq in self.scheduler.append_tokens(seqs, tokens.tolist(), logprobs.tolist(), params.stop_token_ids):
             self.results[seq.prompt][seq.rollout] = seq.completion()

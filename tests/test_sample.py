@@ -372,6 +372,20 @@ def test_vectors_side_by_side_equal_one_at_a_time(qwen, use_triton, new_tokens, 
     assert len({tuple(alone[row][0][0].tokens) for row in range(4)}) > 1  # the vectors change the text
 
 
+def test_a_seed_per_prompt_draws_what_each_seed_draws_alone(flat):
+    """train.py's runs side by side each sample with their own seed, in one call."""
+    sampler = sample.Sampler(flat, kv_cache_tokens=512)
+    prompts = random_prompts([6, 9], seed=8)
+    kw = dict(n=2, max_new_tokens=8, temperature=1.0)
+    together = sampler.generate(prompts * 2, seed=[3, 3, 2 ** 40 + 5, 2 ** 40 + 5], prompt_ids=[0, 1, 0, 1], **kw)
+    for i, seed in enumerate((3, 2 ** 40 + 5)):
+        alone = sampler.generate(prompts, seed=seed, **kw)
+        assert [[c.tokens for c in g] for g in together[2 * i:2 * i + 2]] == [[c.tokens for c in g] for g in alone]
+    assert together[0][0].tokens != together[2][0].tokens
+    with pytest.raises(ValueError, match="seed has 1 seeds for 2 prompts"):
+        sampler.generate(prompts, seed=[1], **kw)
+
+
 def test_vectors_refused_where_they_cannot_work(qwen):
     sampler = sample.Sampler(qwen, kv_cache_tokens=256)
     prompts = random_prompts([5, 6])
