@@ -105,6 +105,9 @@ class Adapter(nn.Module):
                              "adapter per batch: give this batch no vector_ids")
         return None
 
+    def table_rows(self) -> int:  # the rows vector_ids may name (0 = none); 0: no table, one adapter per batch
+        return 0
+
     def post_attn(self, layer, h, state):  # h (B, T, d): after the attention residual
         return h
 
@@ -155,6 +158,11 @@ class Adapter(nn.Module):
     def file_names(cls, step: int) -> list[str]:
         """What a checkpoint at `step` writes, in order: the history file (if kept), then the latest."""
         return ([cls.step_file(step)] if cls.keeps_history else []) + [cls.latest_file()]
+
+    def checkpoint_files(self, step: int, tensors: dict) -> list[tuple[str, dict]]:
+        """(path in the run directory, tensors by name) of each file a checkpoint at `step` writes, given
+        the adapter's tensors by name (named_parameters): file_names(step), each with all of them."""
+        return [(name, tensors) for name in self.file_names(step)]
 
     @classmethod
     def file_step(cls, name: str) -> int | None:
@@ -237,6 +245,9 @@ class Steering(Adapter):
             self.table = torch.zeros(K + 1, L, d, dtype=self.steering.dtype, device=self.steering.device)
         self.table[1:K + 1] = vectors
         self.table[K + 1:] = 0
+
+    def table_rows(self):
+        return 0 if self.table is None else len(self.table)
 
     def prepare(self, dtype, scale, vector_ids=None):
         if vector_ids is None:
@@ -425,6 +436,72 @@ class Full(Adapter):
     def state_bytes_per_trainable(cls, dtype):  # the weight is the base's; fp32 masters for 16-bit weights
         f32 = torch.promote_types(dtype, torch.float32).itemsize
         return (f32 if dtype.itemsize < f32 else 0) + 3 * f32  # (+ master) + grad + 2 moments
+
+
+class Population(Adapter):
+    """K steering vectors trained side by side on one base (train.py --lrs / --seeds): one (L, d)
+    parameter per member, so each has its own AdamW state and learning rate (a param group of its
+    own) while their gradients share the one flat buffer (one all-reduce of K x L x d). Every
+    sequence of a batch names its member's row (vector_ids = member + 1; 0: no steering), added at
+    every layer of steer_at, the rows of unlisted layers multiplied by 0 (so their gradient is 0 and
+    they stay 0, as Steering's). Each member's files are plain steering files in a folder of its own."""
+    kind = Steering.kind  # what its files are
+
+    def __init__(self, num_layers, d, layers, steer_at, names, device=None, dtype=torch.float32):
+        super().__init__()
+        self.members = nn.ParameterList(nn.Parameter(torch.zeros(num_layers, d, device=device, dtype=dtype))
+                                        for _ in names)
+        self.layers, self.steer_at, self.names = layers, steer_at, tuple(names)
+        listed = torch.zeros(num_layers, 1, device=device, dtype=dtype)
+        listed[list(layers)] = 1
+        self.register_buffer("listed", listed, persistent=False)
+
+    @classmethod
+    def check_options(cls, num_layers, layers=None, steer_at="post-block", names=(), **flags):
+        if len(names) < 1 or len(set(names)) != len(names):
+            raise ValueError(f"a population needs members with distinct names (got {list(names)})")
+        return dict(Steering.check_options(num_layers, layers, steer_at), names=tuple(names))
+
+    @classmethod
+    def create(cls, model, options, device=None, dtype=torch.float32):
+        cfg = model.config
+        return cls(cfg.num_layers, cfg.hidden_size, **options, device=device, dtype=dtype)
+
+    def table_rows(self):
+        return len(self.members) + 1
+
+    def prepare(self, dtype, scale, vector_ids=None):
+        if vector_ids is None:
+            raise ValueError("a population's forward needs each sequence's member: vector_ids = member + 1")
+        table = torch.stack([torch.zeros_like(self.members[0]), *self.members]) * self.listed  # (K + 1, L, d)
+        return (scale * table).to(dtype), vector_ids
+
+    def post_attn(self, layer, h, state):
+        vectors, ids = state
+        return h + vectors[ids, layer] if self.steer_at == "post-attn" else h
+
+    def post_block(self, layer, h, state):
+        vectors, ids = state
+        return h + vectors[ids, layer] if self.steer_at == "post-block" else h
+
+    def options(self):  # what its files' metadata says: each is one steering vector
+        return dict(layers=self.layers, steer_at=self.steer_at)
+
+    def num_trainable(self):
+        return len(self.members) * len(self.layers) * self.members[0].shape[1]
+
+    def member_metrics(self, k: int) -> dict:
+        return dict(steering_norm=self.members[k].detach().norm(dim=1).tolist())
+
+    def checkpoint_files(self, step, tensors):
+        """Per member, its folder's steering-step{N}.safetensors and steering.safetensors, each holding
+        its one vector as 'steering': what a plain run of that member would write."""
+        return [(f"{name}/{file}", {"steering": tensors[f"members.{k}"]})
+                for k, name in enumerate(self.names) for file in self.file_names(step)]
+
+    @classmethod
+    def saved_blocks(cls, cfg):  # block 0 sees no trainable input
+        return cfg.num_layers - 1
 
 
 ADAPTERS = {cls.kind: cls for cls in (Steering, LoRA, Full)}  # --adapter NAME; a new kind: its class here

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from adapters import ADAPTERS, Adapter, Steering, adapter_class
+from adapters import ADAPTERS, Adapter, Population, Steering, adapter_class
 
 # -----------------------------------------------------------------------------
 # Config: read both dialects of config.json (hub checkpoints keep rope_theta / rope_scaling at
@@ -295,6 +295,11 @@ class Transformer(nn.Module):
         options = cls.check_options(self.config.num_layers, layers, steer_at=steer_at, lora_rank=lora_rank,
                                     lora_alpha=lora_alpha)
         return self._replace_adapter(cls, options)
+
+    def set_population(self, names, layers=None, steer_at="post-block") -> Adapter:
+        """K steering vectors trained side by side (adapters.Population), zeros, one per name."""
+        options = Population.check_options(self.config.num_layers, layers, steer_at=steer_at, names=names)
+        return self._replace_adapter(Population, options)
 
     def _replace_adapter(self, cls, options) -> Adapter:
         self.adapter.close()  # first: an adapter of the base weights (full) takes them over from here

@@ -68,13 +68,14 @@ def save_checkpoint(run_dir: Path, model, optimizer, cfg, step: int, epoch: int,
         tensors, trainable = dict(zip(names, snapshot.trainable)), snapshot.trainable
         optimizer_state = snapshot.optimizer
     else:
-        tensors, optimizer_state = None, optimizer.state_dict()
+        tensors, optimizer_state = dict(model.adapter.named_parameters()), optimizer.state_dict()
         trainable = [p.detach().cpu().clone() for p in model.trainable_parameters()]
     target = run_dir / "checkpoint.pt"
     try:
-        for name in model.adapter.file_names(step):
+        for name, file_tensors in model.adapter.checkpoint_files(step, tensors):
             target = run_dir / name
-            model.save_adapter(target, tensors, step=step, task=cfg.task, dataset=cfg.dataset)
+            target.parent.mkdir(exist_ok=True)  # a population's member folders
+            model.save_adapter(target, file_tensors, step=step, task=cfg.task, dataset=cfg.dataset)
         state = dict(step=step, epoch=epoch, offset=offset, data=data_fingerprint,
                      trainable=trainable, optimizer=optimizer_state, config=asdict(cfg))
         target = run_dir / "checkpoint.pt.tmp"
@@ -139,14 +140,15 @@ def prepare_run_dir(cfg) -> tuple[Path, dict | None]:
     cfg.out_dir = str(run_dir)
     if not config_file.is_file():  # a new run
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for metrics in [run_dir / "metrics.jsonl", *run_dir.glob("*/metrics.jsonl")]:
+            metrics.unlink(missing_ok=True)
         write_text(config_file, json.dumps(asdict(cfg), indent=2))
         return run_dir, None
     state = load_checkpoint(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        kept = [ln for ln in metrics.read_text().splitlines() if state and metrics_step(ln) <= state["step"]]
-        write_text(metrics, "".join(ln + "\n" for ln in kept))
+    for metrics in [run_dir / "metrics.jsonl", *run_dir.glob("*/metrics.jsonl")]:  # a population's members' too
+        if metrics.is_file():
+            kept = [ln for ln in metrics.read_text().splitlines() if state and metrics_step(ln) <= state["step"]]
+            write_text(metrics, "".join(ln + "\n" for ln in kept))
     return run_dir, state
 
 
@@ -355,10 +357,11 @@ class Tracker:
 
 
 def step_metrics(sums: dict, top: dict, *, step, epoch, lr, prompts, step_s, grad_norm, model,
-                 dynamic: bool, micro_batches, micro_batch_tokens, skipped_prompts) -> dict:
+                 dynamic: bool, micro_batches, micro_batch_tokens, skipped_prompts, member=None) -> dict:
     """One metrics.jsonl line from rl_step's numbers summed (`sums`) and maxed (`top`) over ranks:
     means per rollout, shares per prompt, the slowest rank's phase times; what trains and what
-    crossed ranks (the adapter's own numbers: per-layer vector norms for steering)."""
+    crossed ranks (the adapter's own numbers: per-layer vector norms for steering; a member's
+    own with `member`, its index in a population)."""
     n, buf = sums["rollouts"], model.grad_buffer
     return dict(step=step, epoch=epoch, lr=lr, reward_mean=sums["reward"] / n, accuracy=sums["correct"] / n,
                 adv_abs_mean=sums["adv_abs"] / n, adv_std=math.sqrt(max(sums["adv_sq"] / n, 0.0)),
@@ -368,7 +371,7 @@ def step_metrics(sums: dict, top: dict, *, step, epoch, lr, prompts, step_s, gra
                 reward_s=top["reward_s"], train_s=top["train_s"], step_s=step_s,
                 tokens_per_s=sums["tokens"] / max(top["sample_s"], 1e-9), grad_norm=grad_norm,
                 trainable_params=model.num_trainable(), bytes_allreduced=buf.numel() * buf.element_size(),
-                **model.adapter.metrics(),
+                **(model.adapter.metrics() if member is None else model.adapter.member_metrics(member)),
                 backward_tokens=int(sums["forwarded"]), backward_padded_tokens=int(sums["padded"]),
                 backward_tokens_naive=int(sums["naive"]),
                 signal_prompts=sums["signal_prompts"] / prompts,
@@ -392,12 +395,13 @@ class RunLog:
     --wandb-project), and a progress line: a bar on a terminal, one plain line per step in a log
     file. Other ranks hold no file and print nothing."""
 
-    def __init__(self, cfg, run_dir: Path, is_main: bool, start: int, total: int):
-        self.is_main, self.total = is_main, total
+    def __init__(self, cfg, run_dir: Path, is_main: bool, start: int, total: int, label: str = ""):
+        """label: a population member's name, which starts each of its lines (plain lines, no bar)."""
+        self.is_main, self.total, self.label = is_main, total, label
         self.file = open(run_dir / "metrics.jsonl", "a") if is_main else None
         self.tracker = Tracker(cfg, run_dir) if cfg.wandb_project and is_main else None
         self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stdout,
-                        disable=not (is_main and sys.stdout.isatty()))
+                        disable=not (is_main and sys.stdout.isatty()) or bool(label))
 
     def record(self, m: dict):
         if self.is_main:
@@ -410,7 +414,7 @@ class RunLog:
         if not self.is_main:
             return
         if self.bar.disable:
-            print(f"[{m['step']}/{self.total}] " + log_line(m), flush=True)
+            print(f"[{m['step']}/{self.total}] " + (f"{self.label}: " if self.label else "") + log_line(m), flush=True)
         else:
             self.bar.set_postfix_str(log_line(m).split(" ", 2)[2], refresh=False)
             self.bar.update(1)

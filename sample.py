@@ -624,15 +624,15 @@ class Sampler:
         if len(prompt_ids) != len(prompts):
             raise ValueError(f"prompt_ids has {len(prompt_ids)} ids for {len(prompts)} prompts")
         if vectors is not None:
-            table = getattr(self.model.adapter, "table", None)
+            rows = self.model.adapter.table_rows()
             if len(vectors) != len(prompts):
                 raise ValueError(f"vectors has {len(vectors)} rows for {len(prompts)} prompts")
-            if table is None:
+            if rows == 0:
                 raise ValueError(f"vectors given, but the model's '{self.model.adapter.kind}' adapter holds no table "
                                  "of vectors (adapters.Steering.set_table; LoRA and full fine-tuning run one adapter "
                                  "per batch)")
-            if vectors and not 0 <= min(vectors) <= max(vectors) < len(table):
-                raise ValueError(f"vectors: rows {min(vectors)}..{max(vectors)} outside the table's 0..{len(table) - 1}")
+            if vectors and not 0 <= min(vectors) <= max(vectors) < rows:
+                raise ValueError(f"vectors: rows {min(vectors)}..{max(vectors)} outside the table's 0..{rows - 1}")
         if n < 1 or min(limits, default=0) < 0 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need n >= 1, max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1 "
                              f"(got n={n}, max_new_tokens={min(limits, default=0)}, temperature={temperature}, "

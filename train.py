@@ -30,11 +30,12 @@ the same command continues a run.
 """
 import functools
 import gc
+import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ from run_lifecycle import (RunLog, StopSignals, check_resume, open_run, restore,
                            step_metrics, write_text)
 from rollout_groups import Group, as_groups, has_signal, micro_batches, padded_tokens, refill, with_signal
 from sample import Sampler
-from train_config import TrainConfig, check_config, parse_args
+from train_config import Member, TrainConfig, check_config, member_config, members, parse_args
 
 # -----------------------------------------------------------------------------
 # Data order: one seeded permutation per epoch; step s reads positions [o, o + P) of epoch e.
@@ -70,19 +71,28 @@ def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
 # Rollouts and rewards
 
 
-def sample(sampler, task: Task, cfg: TrainConfig, step: int, prompt_indices: list[int], rank_offset: int):
-    """N rollouts of each of this rank's prompts, flat and prompt-major. The sampler hashes each
-    random draw from (seed, prompt index, rollout, position): with the step's seed and this rank's
-    offset into the step, a prompt gets the same rollouts whatever the number of ranks (exactly on
-    CPU; on GPU up to float rounding, which batch composition changes). Each prompt has its own
-    budget: max_len - its length, or max_new_tokens when that is smaller."""
-    prompts = [task.prompts[i] for i in prompt_indices]
+def sample(sampler, task: Task, cfg: TrainConfig, step: int, work: list[tuple[Member, list[int]]], rank_offset: int):
+    """N rollouts of each of this rank's prompts of each member, flat and prompt-major per member,
+    all in one sampler call (each member's prompts under its row of the steering table). The sampler
+    hashes each random draw from (seed, prompt index, rollout, position): with the member's step
+    seed and this rank's offset into the step, a prompt gets the same rollouts whatever the number
+    of ranks or members (exactly on CPU; on GPU up to float rounding, which batch composition
+    changes). Each prompt has its own budget: max_len - its length, or max_new_tokens when smaller."""
+    prompts, seeds, ids, vectors = [], [], [], []
+    for member, indices in work:
+        prompts += [task.prompts[i] for i in indices]
+        seeds += [(member.seed << 32) + step] * len(indices)
+        ids += range(rank_offset, rank_offset + len(indices))
+        vectors += [member.vector] * len(indices)
     budgets = [completion_budget(len(p), cfg.max_new_tokens, cfg.max_len) for p in prompts]
     groups = sampler.generate(prompts, n=cfg.rollouts, max_new_tokens=budgets, temperature=cfg.temperature,
-                              top_p=cfg.top_p, stop_token_ids=task.stop_token_ids,
-                              seed=(cfg.seed << 32) + step,
-                              prompt_ids=range(rank_offset, rank_offset + len(prompts)))
-    return [c for group in groups for c in group]
+                              top_p=cfg.top_p, stop_token_ids=task.stop_token_ids, seed=seeds, prompt_ids=ids,
+                              vectors=None if vectors[0] is None else vectors)
+    out, start = [], 0
+    for _, indices in work:
+        out.append([c for group in groups[start:start + len(indices)] for c in group])
+        start += len(indices)
+    return out
 
 
 def fresh_groups(run, step: int, round_: int, missing: int) -> list[Group]:
@@ -93,7 +103,7 @@ def fresh_groups(run, step: int, round_: int, missing: int) -> list[Group]:
     gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + c.rank) * 257 + round_)
     indices = torch.randint(len(task.prompts), (missing,), generator=gen).tolist()
     offset = cfg.prompts_per_step * (round_ + 1) + c.rank * (cfg.prompts_per_step // c.world)
-    completions = sample(run.sampler, task, cfg, step, indices, offset)
+    completions = sample(run.sampler, task, cfg, step, [(run.members[0], indices)], offset)[0]
     rewards, _ = task.reward([comp.tokens for comp in completions], [i for i in indices for _ in range(cfg.rollouts)])
     return as_groups([task.prompts[i] for i in indices], completions,
                      rloo.advantages(torch.tensor(rewards).view(missing, cfg.rollouts)), cfg.overlong_filter)
@@ -106,11 +116,12 @@ def fresh_groups(run, step: int, round_: int, missing: int) -> list[Group]:
 #   every layer, and autograd sums their gradients through the shared prompt.
 
 
-def backward(model, batch: list[Group], cfg: TrainConfig, vocab_size, totals: dict, device):
+def backward(model, batch: list[Group], cfg: TrainConfig, vocab_size, totals: dict, device, vector=None):
     """Loss of one micro-batch (already divided by the step's normaliser), backpropagated into the
-    adapter. Two forwards: the G prompts (right-padded), recording each layer's keys and values;
-    then the R completion rows, each attending to its prompt's keys and values and causally to its
-    own. Returns (loss, sum of |train log-prob - sampler log-prob| over its tokens)."""
+    adapter (`vector`: the member's row of the steering table, None: the one adapter). Two forwards:
+    the G prompts (right-padded), recording each layer's keys and values; then the R completion
+    rows, each attending to its prompt's keys and values and causally to its own. Returns (loss,
+    sum of |train log-prob - sampler log-prob| over its tokens)."""
     owner = torch.tensor([gi for gi, g in enumerate(batch) for _ in g.rollouts], device=device)  # (R,)
     rows = [r for g in batch for r in g.rollouts]
     prompt_len = torch.tensor([len(g.prompt) for g in batch], device=device)  # (G,)
@@ -131,7 +142,8 @@ def backward(model, batch: list[Group], cfg: TrainConfig, vocab_size, totals: di
     def record(layer, q, k, v):
         kv[layer] = (k, v)
         return M.causal_attention(layer, q, k, v)
-    prompt_hidden = model.hidden_states(prompts, attend=record)  # (G, P, d)
+    ids = None if vector is None else torch.full((len(batch), 1), vector, device=device)  # (G, 1)
+    prompt_hidden = model.hidden_states(prompts, attend=record, vector_ids=ids)  # (G, P, d)
     hidden = prompt_hidden[owner, prompt_len[owner] - 1][:, None]  # (R, 1, d): predicts each first token
     if C > 1:
         own = torch.ones(C - 1, C - 1, dtype=torch.bool, device=device).tril()  # (C-1, C-1) causal
@@ -145,7 +157,8 @@ def backward(model, batch: list[Group], cfg: TrainConfig, vocab_size, totals: di
                                                  attn_mask=allowed, enable_gqa=True)
             return out.transpose(1, 2)
         positions = prompt_len[owner][:, None] + torch.arange(C - 1, device=device)  # (R, C-1)
-        rest = model.hidden_states(completions[:, :-1], positions, attend=after_prompt)  # (R, C-1, d)
+        rest = model.hidden_states(completions[:, :-1], positions, attend=after_prompt,
+                                   vector_ids=None if ids is None else ids[owner])  # (R, C-1, d)
         hidden = torch.cat((hidden, rest), 1)  # (R, C, d): position t predicts completion token t
     # the head runs on completion tokens only: padding rows need no logits
     picked = M.chunked_logprobs(hidden[mask], model.head_weight, completions[mask], cfg.temperature, vocab_size)
@@ -175,29 +188,33 @@ class BackwardRecord:
     oom_retries: int
 
 
-def accumulate_gradient(model, groups: list[Group], cfg: TrainConfig, vocab_size, totals: dict, device,
-                        budget: int) -> BackwardRecord:
+def accumulate_gradient(model, parts: list[tuple[list[Group], dict, int | None]], cfg: TrainConfig, vocab_size,
+                        device, budget: int) -> list[BackwardRecord]:
     """Backward over micro-batches of at most `budget` padded tokens into the adapter's zeroed
-    gradient buffer. `groups` hold only rollouts with signal (with_signal); none at all is a zero
-    gradient.
+    gradient buffer, one record per part: a member's (groups, normaliser totals, row of the table).
+    The groups hold only rollouts with signal (with_signal); none at all is a zero gradient.
     Out of GPU memory in a micro-batch: free what it held, halve the budget and redo the whole
     step's backward (the gradient is the same sum, only grouped differently); below one prompt and
     one completion, give up with the numbers."""
-    longest = max((len(g.prompt) + g.width() for g in groups), default=0)
+    longest = max((len(g.prompt) + g.width() for groups, _, _ in parts for g in groups), default=0)
     retries = 0
     while True:
         model.reset_grads()
-        loss, gap, bad_loss = 0.0, 0.0, False
-        batches = micro_batches(groups, budget)
+        records = []
         try:
-            for batch in batches:
-                mb_loss, mb_gap = backward(model, batch, cfg, vocab_size, totals, device)
-                bad_loss |= not bool(torch.isfinite(mb_loss))
-                loss += mb_loss.item()
-                gap += mb_gap.item()
-            return BackwardRecord(loss, gap, sum(len(r.completion) for g in groups for r in g.rollouts),
-                                  sum(g.tokens() for b in batches for g in b), sum(map(padded_tokens, batches)),
-                                  len(batches), bad_loss, budget, retries)
+            for groups, totals, vector in parts:
+                loss, gap, bad_loss = 0.0, 0.0, False
+                batches = micro_batches(groups, budget)
+                for batch in batches:
+                    mb_loss, mb_gap = backward(model, batch, cfg, vocab_size, totals, device, vector)
+                    bad_loss |= not bool(torch.isfinite(mb_loss))
+                    loss += mb_loss.item()
+                    gap += mb_gap.item()
+                records.append(BackwardRecord(loss, gap, sum(len(r.completion) for g in groups for r in g.rollouts),
+                                              sum(g.tokens() for b in batches for g in b),
+                                              sum(map(padded_tokens, batches)), len(batches), bad_loss, budget,
+                                              retries))
+            return records
         except torch.OutOfMemoryError:
             pass  # outside the handler, so the traceback's frames (and the tensors they hold) are gone
         if budget <= longest:
@@ -212,28 +229,34 @@ def accumulate_gradient(model, groups: list[Group], cfg: TrainConfig, vocab_size
               f"--micro-batch-tokens {budget}", file=sys.stderr, flush=True)
 
 
-def reduce_and_step(model, optimizer, cfg: TrainConfig, lr: float, bad_loss: bool) -> tuple[float, bool]:
+def reduce_and_step(model, optimizer, cfg: TrainConfig, lrs: list[float], bad_loss: bool) -> tuple[list[float], bool]:
     """Sum the adapter's gradients over ranks (the one all-reduce of the step: every trainable
-    gradient lives in one flat fp32 buffer, L x d floats for steering), then clip and take the
-    AdamW step, and let the model refresh the weights its forward reads (full fine-tuning in 16
-    bits: the fp32 masters copied in place). A non-finite loss or gradient on any rank skips the
-    update on every rank: a rank with a bad loss poisons its gradient with NaN, which the sum
-    carries everywhere. Returns (global gradient norm before clipping, skipped)."""
+    gradient lives in one flat fp32 buffer, L x d floats for steering, K x L x d for K members),
+    then clip each member's gradient (its param group's slice of the buffer) and take the AdamW
+    step at each member's lr, and let the model refresh the weights its forward reads (full
+    fine-tuning in 16 bits: the fp32 masters copied in place). A non-finite loss or gradient on any
+    rank skips the update on every rank: a rank with a bad loss poisons its gradient with NaN, which
+    the sum carries everywhere. Returns (each member's gradient norm before clipping, skipped)."""
     grad = model.grad_buffer
     if bad_loss:
         grad.fill_(float("nan"))
     dist.all_reduce(grad)  # SUM: the loss is already divided by the whole step's normaliser
-    grad_norm = grad.norm().item()
-    if not math.isfinite(grad_norm):
+    slices, start = [], 0
+    for group in optimizer.param_groups:  # in trainable order, as the buffer is laid out
+        size = sum(p.numel() for p in group["params"])
+        slices.append(grad[start:start + size])
+        start += size
+    norms = [g.norm().item() for g in slices]
+    if not all(map(math.isfinite, norms)):
         grad.zero_()
-        return grad_norm, True
-    if cfg.grad_clip > 0:
-        grad.mul_(min(1.0, cfg.grad_clip / (grad_norm + 1e-6)))  # clip_grad_norm_'s rule, on the one buffer
-    for group in optimizer.param_groups:
+        return norms, True
+    for g, norm, group, lr in zip(slices, norms, optimizer.param_groups, lrs, strict=True):
+        if cfg.grad_clip > 0:
+            g.mul_(min(1.0, cfg.grad_clip / (norm + 1e-6)))  # clip_grad_norm_'s rule, on the member's slice
         group["lr"] = lr
     optimizer.step()
     model.trainable_to_weights()
-    return grad_norm, False
+    return norms, False
 
 
 # -----------------------------------------------------------------------------
@@ -255,6 +278,7 @@ class Run:
     warmup_steps: int
     start: int  # the first step to run (0, or the checkpoint's step)
     micro_batch_tokens: int  # the backward's budget: --micro-batch-tokens, halved by each OOM
+    members: list[Member]  # what trains: one plain member, or a population's (--lrs / --seeds)
     eval_task: Task | None = None  # the --eval-every benchmark
 
 
@@ -285,13 +309,17 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
     available = memory.available_bytes(c.device)  # before the weights load: the plan counts them
     model = M.Transformer.from_pretrained(model_path, dtype=dtype, device=c.device)
     torch.manual_seed(cfg.seed)  # LoRA's random A: the same on every rank, and in every run of this seed
-    model.set_adapter(cfg.adapter, layers=cfg.layers, steer_at=cfg.steer_at, lora_rank=cfg.lora_rank,
-                      lora_alpha=cfg.lora_alpha or None)
+    crew = members(cfg)
+    if crew[0].vector is None:
+        model.set_adapter(cfg.adapter, layers=cfg.layers, steer_at=cfg.steer_at, lora_rank=cfg.lora_rank,
+                          lora_alpha=cfg.lora_alpha or None)
+    else:  # a population: one steering vector per member, each its own param group (its lr, its AdamW state)
+        model.set_population([m.name for m in crew], layers=cfg.layers, steer_at=cfg.steer_at)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if c.device.type == "cpu" else 1  # ranks sharing the RAM
     try:
         plan = memory.plan(config, dtype, c.device, available=available, adapter=model.adapter,
                            trainable=sum(p.numel() for p in model.trainable_parameters()),
-                           sequences=P // c.world * cfg.rollouts, longest=longest,
+                           sequences=P // c.world * cfg.rollouts * len(crew), longest=longest,
                            micro_batch_tokens=cfg.micro_batch_tokens or None, recompute=cfg.activation_checkpointing,
                            kv_cache_tokens=cfg.kv_cache_tokens or None, gpu_memory_fraction=cfg.gpu_memory_fraction,
                            share=local)
@@ -303,7 +331,15 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
         print(plan.summary())
         write_text(run_dir / "memory_plan.json", plan.to_json())
     model.reset_grads()  # the flat gradient buffer exists from here on (metrics and collectives read it)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = model.trainable_parameters()
+    groups = ([dict(params=params, lr=cfg.lr)] if crew[0].vector is None else
+              [dict(params=[p], lr=m.lr) for p, m in zip(params, crew, strict=True)])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for m in crew:  # each member's folder holds what a run of it alone would: its config first
+        member_dir = run_dir / m.name
+        if c.is_main and not (member_dir / "config.json").is_file():
+            member_dir.mkdir(exist_ok=True)
+            write_text(member_dir / "config.json", json.dumps(asdict(member_config(cfg, m)), indent=2))
     if state is not None:
         restore(state, model, optimizer)
         if c.is_main and start < total_steps:
@@ -313,86 +349,104 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
 
     sampler = Sampler(model, kv_cache_tokens=plan.kv_cache_tokens, vocab_size=task.vocab_size, max_seq_len=longest)
     return Run(cfg, c, run_dir, task, model, optimizer, sampler, steps_per_epoch, total_steps,
-               math.ceil(cfg.warmup * total_steps), start, plan.micro_batch_tokens, evals)
+               math.ceil(cfg.warmup * total_steps), start, plan.micro_batch_tokens, crew, evals)
 
 
-def rl_step(run: Run, step: int) -> dict:
+def rl_step(run: Run, step: int) -> list[dict]:
     """One step on every rank: sample -> reward -> RLOO advantages -> backward over micro-batches
-    -> all-reduce of the L x d gradient -> AdamW. Returns the step's metrics over all ranks."""
-    cfg, c, task = run.cfg, run.cluster, run.task
+    -> all-reduce of the L x d gradient -> AdamW. With several members (--lrs / --seeds) each does
+    all of it with its own prompts, in the same sampler call, backward, all-reduce and optimizer
+    step. Returns each member's metrics for the step, over all ranks."""
+    cfg, c, task, N = run.cfg, run.cluster, run.task, run.cfg.rollouts
     P, per_rank = cfg.prompts_per_step, cfg.prompts_per_step // c.world
     t0 = time.perf_counter()
     epoch, offset = step_position(step, run.steps_per_epoch, P)
     rank_offset = c.rank * per_rank  # this rank's first prompt, as an index within the step
-    prompt_indices = epoch_order(cfg.seed, epoch, len(task.prompts))[offset + rank_offset:][:per_rank]
-    completions = sample(run.sampler, task, cfg, step, prompt_indices, rank_offset)
+    work = [(m, epoch_order(m.seed, epoch, len(task.prompts))[offset + rank_offset:][:per_rank]) for m in run.members]
+    completions = sample(run.sampler, task, cfg, step, work, rank_offset)  # per member
     cluster.synchronize(c.device)
     t1 = time.perf_counter()
-    owners = [i for i in prompt_indices for _ in range(cfg.rollouts)]  # each rollout's prompt
-    rewards, correct = task.reward([comp.tokens for comp in completions], owners)
-    adv = rloo.advantages(torch.tensor(rewards).view(per_rank, cfg.rollouts))  # a prompt's rollouts share a rank
+    owners = [i for _, indices in work for i in indices for _ in range(N)]  # each rollout's prompt
+    all_rewards, all_correct = task.reward([comp.tokens for cs in completions for comp in cs], owners)
+    size = per_rank * N
+    rewards = [all_rewards[k * size:(k + 1) * size] for k in range(len(work))]
+    correct = [all_correct[k * size:(k + 1) * size] for k in range(len(work))]
+    advs = [rloo.advantages(torch.tensor(r).view(per_rank, N)) for r in rewards]  # a prompt's rollouts share a rank
     t2 = time.perf_counter()
-    groups = as_groups([task.prompts[i] for i in prompt_indices], completions, adv, cfg.overlong_filter)
+    groups = [as_groups([task.prompts[i] for i in indices], cs, adv, cfg.overlong_filter)
+              for (_, indices), cs, adv in zip(work, completions, advs)]
     draws = 0
-    if cfg.dynamic_sampling:
-        groups, draws = refill(groups, cfg.dynamic_sampling, functools.partial(fresh_groups, run, step))
+    if cfg.dynamic_sampling:  # (one member: check_config)
+        groups[0], draws = refill(groups[0], cfg.dynamic_sampling, functools.partial(fresh_groups, run, step))
     t_refill = time.perf_counter()
 
-    lengths = [len(comp.tokens) for comp in completions]
-    count = torch.tensor([float(sum(len(r.completion) for g in groups for r in g.rollouts  # (filtered: not counted)
-                                    if not (cfg.overlong_filter and r.truncated)))], dtype=torch.float64,
-                         device=c.device)
-    dist.all_reduce(count)  # the loss divides by the whole step's completion tokens
-    totals = dict(total_sequences=P * cfg.rollouts, max_completion_len=cfg.max_new_tokens or cfg.max_len,
-                  total_tokens=max(count.item(), 1.0))
-    grad = accumulate_gradient(run.model, with_signal(groups), cfg, task.vocab_size, totals, c.device,
-                               run.micro_batch_tokens)
-    run.micro_batch_tokens = grad.budget  # a budget halved on OOM stays halved for the rest of the run
-    lr = cfg.lr * min(1.0, (step + 1) / run.warmup_steps) if run.warmup_steps else cfg.lr
-    grad_norm, skipped = reduce_and_step(run.model, run.optimizer, cfg, lr, grad.bad_loss)
+    count = torch.tensor([float(sum(len(r.completion) for g in gs for r in g.rollouts  # (filtered: not counted)
+                                    if not (cfg.overlong_filter and r.truncated))) for gs in groups],
+                         dtype=torch.float64, device=c.device)
+    dist.all_reduce(count)  # each member's loss divides by its whole step's completion tokens
+    parts = [(with_signal(gs), dict(total_sequences=P * N, max_completion_len=cfg.max_new_tokens or cfg.max_len,
+                                    total_tokens=max(n, 1.0)), m.vector)
+             for gs, n, m in zip(groups, count.tolist(), run.members)]
+    grads = accumulate_gradient(run.model, parts, cfg, task.vocab_size, c.device, run.micro_batch_tokens)
+    run.micro_batch_tokens = grads[0].budget  # a budget halved on OOM stays halved for the rest of the run
+    warm = min(1.0, (step + 1) / run.warmup_steps) if run.warmup_steps else 1.0
+    lrs = [m.lr * warm for m in run.members]
+    grad_norms, skipped = reduce_and_step(run.model, run.optimizer, cfg, lrs, any(g.bad_loss for g in grads))
     if skipped:  # the same on every rank (the gradient is all-reduced): all stop together, nothing updated
         kept = max(run.start, step // cfg.checkpoint_every * cfg.checkpoint_every)
-        raise SystemExit(f"step {step + 1}: the loss or the gradient is not finite (gradient norm {grad_norm}): the "
-                         f"run stops before updating. The last checkpoint, step {kept} in {run.run_dir}, is kept "
-                         "and the same command continues from it; a NaN that comes back there needs a lower --lr, "
-                         "--dtype float32 or a look at the data")
+        raise SystemExit(f"step {step + 1}: the loss or the gradient is not finite (gradient norm "
+                         f"{', '.join(map(str, grad_norms))}): the run stops before updating. The last checkpoint, "
+                         f"step {kept} in {run.run_dir}, is kept and the same command continues from it; a NaN that "
+                         "comes back there needs a lower --lr, --dtype float32 or a look at the data")
     cluster.synchronize(c.device)
     t3 = time.perf_counter()
 
     pool = task.stats()  # this rank's reward workers, since the run began (summed over ranks below)
-    sums, top = cluster.reduce_metrics(
-        dict(reward=sum(rewards), correct=sum(correct), rollouts=len(rewards), tokens=sum(lengths),
-             reward_timeouts=pool.get("timeouts", 0), reward_crashes=pool.get("crashes", 0),
-             reward_workers_replaced=pool.get("replaced", 0), reward_workers_recycled=pool.get("recycled", 0),
-             truncated=sum(comp.finish_reason == "length" for comp in completions), adv_abs=adv.abs().sum().item(),
-             adv_sq=adv.pow(2).sum().item(), zero_adv_prompts=(adv == 0).all(1).sum().item(), loss=grad.loss,
-             gap=grad.gap, gap_tokens=grad.gap_tokens, oom_retries=grad.oom_retries,
-             forwarded=grad.forwarded_tokens, padded=grad.padded_tokens, naive=sum(len(g.prompt) + len(r.completion) - 1
-                                                       for g in groups for r in g.rollouts),
-             dynamic_draws=draws, signal_prompts=sum(map(has_signal, groups))),
-        dict(completion_len=max(lengths), sample_s=t1 - t0, reward_s=t2 - t1, refill_s=t_refill - t2,
-             train_s=t3 - t_refill), c.device)
-    return step_metrics(sums, top, step=step + 1, epoch=epoch, lr=lr, prompts=P, step_s=time.perf_counter() - t0,
-                        grad_norm=grad_norm, model=run.model, dynamic=bool(cfg.dynamic_sampling),
-                        micro_batches=grad.micro_batches, micro_batch_tokens=run.micro_batch_tokens,
-                        skipped_prompts=task.skipped_prompts)
+    out = []
+    for k, m in enumerate(run.members):
+        cs, adv, grad, lengths = completions[k], advs[k], grads[k], [len(comp.tokens) for comp in completions[k]]
+        sums, top = cluster.reduce_metrics(
+            dict(reward=sum(rewards[k]), correct=sum(correct[k]), rollouts=len(rewards[k]), tokens=sum(lengths),
+                 reward_timeouts=pool.get("timeouts", 0), reward_crashes=pool.get("crashes", 0),
+                 reward_workers_replaced=pool.get("replaced", 0), reward_workers_recycled=pool.get("recycled", 0),
+                 truncated=sum(comp.finish_reason == "length" for comp in cs), adv_abs=adv.abs().sum().item(),
+                 adv_sq=adv.pow(2).sum().item(), zero_adv_prompts=(adv == 0).all(1).sum().item(), loss=grad.loss,
+                 gap=grad.gap, gap_tokens=grad.gap_tokens, oom_retries=grad.oom_retries,
+                 forwarded=grad.forwarded_tokens, padded=grad.padded_tokens,
+                 naive=sum(len(g.prompt) + len(r.completion) - 1 for g in groups[k] for r in g.rollouts),
+                 dynamic_draws=draws, signal_prompts=sum(map(has_signal, groups[k]))),
+            dict(completion_len=max(lengths), sample_s=t1 - t0, reward_s=t2 - t1, refill_s=t_refill - t2,
+                 train_s=t3 - t_refill), c.device)
+        out.append(step_metrics(sums, top, step=step + 1, epoch=epoch, lr=lrs[k], prompts=P,
+                                step_s=time.perf_counter() - t0, grad_norm=grad_norms[k], model=run.model,
+                                dynamic=bool(cfg.dynamic_sampling), micro_batches=grad.micro_batches,
+                                micro_batch_tokens=run.micro_batch_tokens, skipped_prompts=task.skipped_prompts,
+                                member=None if m.vector is None else k))
+    return out
 
 
-def evaluate(run: Run) -> dict:
+def evaluate(run: Run) -> list[dict]:
     """--eval-every: the benchmark's problems on the live model with the training sampler (no
     reload, no copy: the vector being trained is the one evaluated), scored by the Task's own
-    evaluate, as eval.py scores it, and summed over ranks."""
+    evaluate, as eval.py scores it, and summed over ranks; every member side by side. One dict
+    per member."""
     cfg, c, task = run.cfg, run.cluster, run.eval_task
     t0 = time.perf_counter()
+    vectors = [m.vector for m in run.members]
     done = task.evaluate(run.sampler, samples=cfg.eval_samples, temperature=cfg.eval_temperature, seed=cfg.seed,
-                         max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, rank=c.rank, world=c.world)
-    sums, _ = cluster.reduce_metrics(
-        dict(correct=sum(s.correct for s in done), samples=len(done), tokens=sum(len(s.tokens) for s in done),
-             truncated=sum(s.finish_reason == "length" for s in done)), {}, c.device)
-    n = max(sums["samples"], 1.0)
-    return dict(eval_bench=cfg.eval_bench, eval_problems=len(task.prompts), eval_accuracy=sums["correct"] / n,
-                eval_len_mean=sums["tokens"] / n, eval_truncated_frac=sums["truncated"] / n,
-                eval_s=time.perf_counter() - t0)
+                         max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, rank=c.rank, world=c.world,
+                         vectors=None if vectors[0] is None else vectors)
+    out = []
+    for m in run.members:
+        mine = [s for s in done if s.vector == m.vector]
+        sums, _ = cluster.reduce_metrics(
+            dict(correct=sum(s.correct for s in mine), samples=len(mine), tokens=sum(len(s.tokens) for s in mine),
+                 truncated=sum(s.finish_reason == "length" for s in mine)), {}, c.device)
+        n = max(sums["samples"], 1.0)
+        out.append(dict(eval_bench=cfg.eval_bench, eval_problems=len(task.prompts),
+                        eval_accuracy=sums["correct"] / n, eval_len_mean=sums["tokens"] / n,
+                        eval_truncated_frac=sums["truncated"] / n, eval_s=time.perf_counter() - t0))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -408,29 +462,37 @@ def save(run: Run, step: int, snapshot=None):
 
 
 def train(run: Run):
-    """The steps from the run's start to its end, with evaluation, checkpoints and stopping."""
+    """The steps from the run's start to its end, with evaluation, checkpoints and stopping. Each
+    member has its own metrics.jsonl (and W&B run), in its folder."""
     cfg, c = run.cfg, run.cluster
     stops = StopSignals(run, functools.partial(save, run))
-    log = RunLog(cfg, run.run_dir, c.is_main, run.start, run.total_steps)
+    logs = [RunLog(member_config(cfg, m), run.run_dir / m.name, c.is_main, run.start, run.total_steps, m.name)
+            for m in run.members]
     if cfg.eval_every and run.start == 0:  # the base model's score: where the curve starts
-        log.record(dict(step=0, **evaluate(run)))
+        for log, e in zip(logs, evaluate(run)):
+            log.record(dict(step=0, **e))
     for step in range(run.start, run.total_steps):
         stops.take_snapshot(step)
-        m = rl_step(run, step)
+        metrics = rl_step(run, step)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            m.update(evaluate(run))
+            for m, e in zip(metrics, evaluate(run)):
+                m.update(e)
         checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == run.total_steps
-        m["rank_divergence"] = cluster.max_divergence(run.model.trainable_parameters()) if checkpoint_now else None
-        if m["rank_divergence"]:  # the same value on every rank (all-reduced): all stop together
-            raise RuntimeError(f"step {step + 1}: the ranks' adapters differ by up to {m['rank_divergence']}")
-        log.record(m)
-        log.show(m)
+        divergence = cluster.max_divergence(run.model.trainable_parameters()) if checkpoint_now else None
+        if divergence:  # the same value on every rank (all-reduced): all stop together
+            raise RuntimeError(f"step {step + 1}: the ranks' adapters differ by up to {divergence}")
+        for log, m in zip(logs, metrics):
+            m["rank_divergence"] = divergence
+            log.record(m)
+            log.show(m)
         if checkpoint_now:
             stops.checkpoint(step + 1)
         stops.stop_after(step + 1)
-    log.close()
+    for log in logs:
+        log.close()
     if c.is_main:
-        print(f"done: {run.run_dir}/{run.model.adapter.latest_file()}")
+        for m in run.members:
+            print(f"done: {run.run_dir / m.name / run.model.adapter.latest_file()}")
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ or data loads.
 import argparse
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import adapters
@@ -73,6 +73,12 @@ class TrainConfig:
     epochs: int = _opt(1, "passes over the training set")
     max_steps: int = _opt(0, "stop after this many steps (0 = the epochs decide)")
     seed: int = _opt(0, "seeds the data order, the rollouts and the random-tiny model")
+    lrs: str = _opt("", "train one steering vector per learning rate, side by side in one run, e.g. 1e-3,3e-3,1e-2: "
+                    "each gets its own prompts, rollouts, clipped gradient, AdamW state, metrics and checkpoints "
+                    "(RUN/lr<lr>-seed<seed>/), as its own run would; one sampler pass and one all-reduce serve all")
+    seeds: str = _opt("", "train one steering vector per seed, side by side (as --lrs; both: one member per pair). "
+                      "A member's seed orders its data and draws its rollouts; the toy task's prompts and the "
+                      "random-tiny model come from --seed")
     # systems
     device: str = _opt("auto", "auto (cuda:LOCAL_RANK when CUDA is present, else cpu), cpu or cuda")
     dtype: str = _opt("auto", "model weights dtype: auto (model.auto_dtype: bfloat16 on CUDA and on CPUs with native "
@@ -260,8 +266,63 @@ def numeric_problems(cfg: TrainConfig) -> list[tuple[str, object, str]]:
     return [(name, getattr(cfg, name), rule) for name, ok, rule in rules if not ok]
 
 
+@dataclass(frozen=True)
+class Member:
+    """One vector a run trains. A plain run trains one: the model's own adapter (vector None), in the
+    run directory itself. With --lrs / --seeds each member is a row of the steering table (vector =
+    its index + 1) with a folder of its own, and gets what a run of its lr and seed would."""
+    name: str  # its folder in the run directory; "" for a plain run
+    lr: float
+    seed: int
+    vector: int | None
+
+
+def members(cfg: TrainConfig) -> list[Member]:
+    """The run's members: (--lrs, --seeds) paired, one list repeating the other's single value."""
+    if not (cfg.lrs or cfg.seeds):
+        return [Member("", cfg.lr, cfg.seed, None)]
+    try:
+        lrs = [float(x) for x in cfg.lrs.split(",")] if cfg.lrs else [cfg.lr]
+    except ValueError:
+        raise ValueError(f"--lrs {cfg.lrs!r}: comma-separated learning rates") from None
+    try:
+        seeds = [int(x) for x in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
+    except ValueError:
+        raise ValueError(f"--seeds {cfg.seeds!r}: comma-separated integer seeds") from None
+    if len(lrs) > 1 and len(seeds) > 1 and len(lrs) != len(seeds):
+        raise ValueError(f"--lrs gives {len(lrs)} learning rates and --seeds {len(seeds)} seeds: give as many of "
+                         "each (one member per pair), or one of either")
+    k = max(len(lrs), len(seeds))
+    lrs, seeds = lrs * (k // len(lrs)), seeds * (k // len(seeds))
+    bad = [lr for lr in lrs if not 0 < lr <= 1]
+    if bad:
+        raise ValueError(f"--lrs {cfg.lrs}: {bad[0]} must be a number in (0, 1]")
+    out = [Member(f"lr{lr:g}-seed{seed}", lr, seed, i + 1) for i, (lr, seed) in enumerate(zip(lrs, seeds))]
+    if len({m.name for m in out}) != len(out):
+        raise ValueError(f"--lrs {cfg.lrs!r} --seeds {cfg.seeds!r}: two members with the same lr and seed")
+    return out
+
+
+def member_config(cfg: TrainConfig, member: Member) -> TrainConfig:
+    """The config of a run that would train `member` alone (its folder's config.json): a plain
+    run's own config."""
+    if member.vector is None:
+        return cfg
+    return replace(cfg, lr=member.lr, seed=member.seed, lrs="", seeds="", out_dir=str(Path(cfg.out_dir) / member.name))
+
+
 def check_config(cfg: TrainConfig, world: int):
     problems = [f"--{name.replace('_', '-')} {value}: {rule}" for name, value, rule in numeric_problems(cfg)]
+    try:
+        if len(members(cfg)) > 1 or members(cfg)[0].vector is not None:
+            if cfg.adapter != adapters.Steering.kind:
+                problems.append(f"--lrs / --seeds train steering vectors side by side; --adapter {cfg.adapter} "
+                                "trains one adapter per run")
+            if cfg.dynamic_sampling:
+                problems.append("--dynamic-sampling with --lrs / --seeds: not supported yet (each member would "
+                                "draw its own refills); run the members as separate runs")
+    except ValueError as e:
+        problems.append(str(e))
     if cfg.task not in rl_task.TASKS:
         problems.append(f"--task {cfg.task!r}: use one of {sorted(rl_task.TASKS)}")
     if cfg.rollouts < 2:

@@ -118,11 +118,11 @@ def main(argv=None):
     naive = [RG.Group(g.prompt, [r]) for g in grouped for r in g.rollouts]
     totals = dict(total_sequences=len(naive), max_completion_len=args.max_new_tokens, total_tokens=float(new_tokens))
     cpu, budget = torch.device("cpu"), tcfg.micro_batch_tokens
-    train.accumulate_gradient(model, naive[:2], tcfg, vocab_size, totals, cpu, budget)  # warm-up
+    train.accumulate_gradient(model, [(naive[:2], totals, None)], tcfg, vocab_size, cpu, budget)  # warm-up
     rows = [("sampling", sample_s, new_tokens, sample_flops)]
     for name, batch in (("backward naive", naive), ("backward ours", RG.with_signal(grouped))):
         t0 = time.perf_counter()
-        record = train.accumulate_gradient(model, batch, tcfg, vocab_size, totals, cpu, budget)
+        [record] = train.accumulate_gradient(model, [(batch, totals, None)], tcfg, vocab_size, cpu, budget)
         seconds = time.perf_counter() - t0
         # forward + input gradients through the body for every forwarded token; the head (forward
         # and the expected-row matmul of model._HeadLogprobs) only for completion tokens

@@ -514,7 +514,7 @@ def check_frozen_base(report: Report, plan: Plan):
 
     def weight_grad_matmuls():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-            train.accumulate_gradient(m, [group], cfg, None, totals, plan.device, cfg.micro_batch_tokens)
+            train.accumulate_gradient(m, [([group], totals, None)], cfg, None, plan.device, cfg.micro_batch_tokens)
             synchronize(plan.device)
         found = 0
         for ev in prof.events():
@@ -823,9 +823,9 @@ def rl_step(m, sampler, optimizer, cfg, prompts):
     totals = dict(total_sequences=sum(len(g.rollouts) for g in batch), max_completion_len=cfg.max_new_tokens,
                   total_tokens=sum(len(r.completion) for g in batch for r in g.rollouts))
     batch = RG.with_signal(batch)  # what the backward forwards: zero advantages skipped
-    bad_loss = train.accumulate_gradient(m, batch, cfg, None, totals, device, cfg.micro_batch_tokens).bad_loss
+    [record] = train.accumulate_gradient(m, [(batch, totals, None)], cfg, None, device, cfg.micro_batch_tokens)
     mark()
-    train.reduce_and_step(m, optimizer, cfg, cfg.lr, bad_loss)
+    train.reduce_and_step(m, optimizer, cfg, [cfg.lr], record.bad_loss)
     mark()
     return [b - a for a, b in zip(marks, marks[1:])], batch
 

@@ -111,11 +111,16 @@ def test_the_baselines_learn_the_quickstart(tmp_path, adapter):
     ("--micro-batch-tokens", "-5", "--micro-batch-tokens -5: must be 0"),
     ("--prompts-per-step", "0", "--prompts-per-step 0: must be >= 1"),
     ("--tiny-layers", "0", "--tiny-layers 0: must be >= 1"),
-    ("--max-new-tokens", "-1", "--max-new-tokens -1: must be >= 0")])
+    ("--max-new-tokens", "-1", "--max-new-tokens -1: must be >= 0"),
+    ("--lrs", "1e-3,nan", "--lrs 1e-3,nan: nan must be a number in (0, 1]"),
+    ("--lrs", "0.1,x", "--lrs '0.1,x': comma-separated learning rates"),
+    ("--lrs", "0.1,0.1", "two members with the same lr and seed"),
+    ("--seeds", "1,2,3 --lrs 0.1,0.2", "--lrs gives 2 learning rates and --seeds 3 seeds"),
+    ("--seeds", "1,2 --adapter lora", "--adapter lora trains one adapter per run")])
 def test_a_number_that_cannot_work_is_one_line_before_anything_loads(tmp_path, flag, value, says):
     """Each refused as a user does it: exit 2, one line naming the flag and its rule, no run directory
     made (nothing loaded or written first)."""
-    proc = run(["--quickstart", flag, value, "--out-dir", str(tmp_path / "run")], timeout=60)
+    proc = run(["--quickstart", flag, *value.split(" "), "--out-dir", str(tmp_path / "run")], timeout=60)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: config error: "), proc.stderr
     assert says in lines[0], lines[0]
@@ -282,6 +287,71 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, adapter):
     full, resumed = metrics(tmp_path / "full"), metrics(killed)
     assert [r["step"] for r in resumed] == list(range(1, 7))  # lines after the checkpoint were replaced
     assert [r["reward_mean"] for r in resumed] == [r["reward_mean"] for r in full]
+
+
+def test_members_trained_side_by_side_equal_their_own_runs(tmp_path):
+    """--lrs / --seeds: 3 members trained in one run (one sampler call, backward, all-reduce and AdamW
+    step a step, each member its own row, prompts, normaliser, clip and param group) equal 3 runs
+    of one member each, step by step; and a member whose seed is --seed equals the plain run of its
+    lr (the toy task's prompts and the tiny model come from --seed, so a plain run of another seed
+    trains on other prompts). fp32: equal rewards, vectors equal to float rounding."""
+    args = [*SMALL, "--max-steps", "4", "--checkpoint-every", "2", "--grad-clip", "0.05"]
+    pairs = [("0.01", "0"), ("0.03", "1"), ("0.02", "2")]
+    check(run([*args, "--lrs", ",".join(lr for lr, _ in pairs), "--seeds", ",".join(s for _, s in pairs),
+               "--out-dir", str(tmp_path / "together")]))
+    for lr, seed in pairs:
+        check(run([*args, "--lrs", lr, "--seeds", seed, "--out-dir", str(tmp_path / f"alone{seed}")]))
+    check(run([*args, "--lr", "0.01", "--out-dir", str(tmp_path / "plain")]))
+    for lr, seed in pairs:
+        name = f"lr{lr}-seed{seed}"
+        together, alone = tmp_path / "together" / name, tmp_path / f"alone{seed}" / name
+        rows, want = metrics(together), metrics(alone)
+        assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in want], name
+        assert [r["lr"] for r in rows] == [float(lr)] * 4 and rows[0]["bytes_allreduced"] == 3 * want[0]["bytes_allreduced"]
+        torch.testing.assert_close(steering(together), steering(alone), rtol=0, atol=1e-6)
+        assert sorted(p.name for p in together.iterdir()) == ["config.json", "metrics.jsonl", "steering-step2.safetensors",
+                                                              "steering-step4.safetensors", "steering.safetensors"]
+        assert json.loads((together / "config.json").read_text())["lr"] == float(lr)  # the run it stands for
+    vectors = [steering(tmp_path / "together" / f"lr{lr}-seed{seed}") for lr, seed in pairs]
+    assert (vectors[0] - vectors[1]).abs().max() > 0.01  # the members did train apart
+    assert [r["reward_mean"] for r in metrics(tmp_path / "plain")] == \
+        [r["reward_mean"] for r in metrics(tmp_path / "together" / "lr0.01-seed0")]
+    torch.testing.assert_close(steering(tmp_path / "plain"), vectors[0], rtol=0, atol=1e-6)
+    # eval.py reads a member's folder as a run directory: its whole history, side by side
+    assert [s.step for s in ev_setups(tmp_path / "together" / "lr0.01-seed0")] == [None, 2, 4]
+
+
+def ev_setups(run_dir):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_under_test", ROOT / "eval.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    return ev.make_setups(ev.apply_protocol(ev.EvalConfig(model="m", steering=str(run_dir), checkpoints="all")))
+
+
+def test_members_resume_as_if_never_stopped(tmp_path):
+    """A run of 2 members killed after a checkpoint continues from it: the same vectors and the same
+    per-member metrics as a run never stopped (lines after the checkpoint replaced, in every folder)."""
+    args = [*SMALL, "--max-steps", "6", "--checkpoint-every", "2", "--lrs", "0.01,0.03"]
+    check(run([*args, "--out-dir", str(tmp_path / "full")]))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--out-dir", str(killed)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (killed / "checkpoint.pt").exists():
+        assert proc.poll() is None, f"run ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] < 6
+    check(run(["--resume", str(killed)]))
+    for name in ("lr0.01-seed0", "lr0.03-seed0"):
+        assert torch.equal(steering(killed / name), steering(tmp_path / "full" / name))
+        assert metrics(killed / name) == [dict(r, step_s=r2["step_s"], sample_s=r2["sample_s"], reward_s=r2["reward_s"],
+                                               train_s=r2["train_s"], tokens_per_s=r2["tokens_per_s"])
+                                          for r, r2 in zip(metrics(tmp_path / "full" / name), metrics(killed / name),
+                                                           strict=True)]
 
 
 def test_resume_refuses_changed_training_data(tmp_path):
@@ -511,11 +581,11 @@ def test_evaluate_reads_the_live_vector(tmp_path, tiny_with_tokenizer, train_mod
     seen, score = [], run.eval_task.reward  # what evaluate() generated, on its way to the reward
     run.eval_task.reward = lambda completions, owners: (seen.append(completions), score(completions, owners))[1]
     try:
-        base = train_module.evaluate(run)
+        [base] = train_module.evaluate(run)
         torch.manual_seed(0)
         with torch.no_grad():
             run.model.steering.copy_(20 * torch.randn_like(run.model.steering))  # in place, as AdamW does
-        steered = train_module.evaluate(run)
+        [steered] = train_module.evaluate(run)
         run.model.save_steering(tmp_path / "v.safetensors")
     finally:
         run.task.close()
@@ -535,6 +605,52 @@ def test_evaluate_reads_the_live_vector(tmp_path, tiny_with_tokenizer, train_mod
     assert steered["eval_accuracy"] == pytest.approx(sum(s["reward"] for s in samples) / 10)
     assert steered["eval_len_mean"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 10)
     assert steered["eval_truncated_frac"] == pytest.approx(sum(s["finish_reason"] == "length" for s in samples) / 10)
+
+
+def test_eval_during_training_scores_each_member(tmp_path, tiny_with_tokenizer, train_module):
+    """--eval-every with --lrs: every member evaluated side by side in one pass, each scored as
+    eval.py scores its vector (here: member 0 at zero, the base; member 1 a random vector)."""
+    import cluster
+    import eval as ev
+    from conftest import DATA_DIR
+    cfg = train_module.TrainConfig(model=str(tiny_with_tokenizer), dataset="arithmetic", data_dir=str(DATA_DIR),
+                                   prompts_per_step=4, rollouts=2, max_new_tokens=8, max_len=256, max_prompt_len=200,
+                                   eval_every=1, eval_bench="arithmetic", eval_limit=5, eval_samples=2,
+                                   eval_temperature=1.0, seed=3, dtype="float32", device="cpu", reward_workers=1,
+                                   lrs="0.01,0.02", out_dir=str(tmp_path / "run"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    run = train_module.setup(cfg, cluster.Cluster(0, 1, torch.device("cpu")))
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            run.model.adapter.members[1].copy_(20 * torch.randn_like(run.model.adapter.members[1]))
+        seen, score = [], run.eval_task.reward  # what evaluate() generated, on its way to the reward
+        run.eval_task.reward = lambda completions, owners: (seen.append(completions), score(completions, owners))[1]
+        scores = train_module.evaluate(run)
+        run.model.set_adapter("steering")  # member 1's vector, as a file eval.py reads
+        torch.manual_seed(0)
+        with torch.no_grad():
+            run.model.steering.copy_(20 * torch.randn_like(run.model.steering))
+        run.model.save_steering(tmp_path / "v.safetensors")
+    finally:
+        run.task.close()
+        run.eval_task.close()
+        dist.destroy_process_group()  # eval.py makes its own
+    ev.main(["--model", str(tiny_with_tokenizer), "--bench", "arithmetic", "--limit", "5", "--max-new-tokens", "8",
+             "--max-len", "256", "--temperature", "1", "--samples", "2", "--seeds", "1", "--seed", "3",
+             "--dtype", "float32", "--device", "cpu", "--data-dir", str(DATA_DIR), "--grade-workers", "1",
+             "--steering", f"none,{tmp_path / 'v.safetensors'}", "--out", str(tmp_path / "eval")])
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    import data
+    tok = data.Tokenizer.from_dir(tiny_with_tokenizer)
+    [generated] = seen  # one grading call: member 0's 10 samples, then member 1's
+    for k, (score, setup) in enumerate(zip(scores, ["base", str(tmp_path / "v.safetensors")], strict=True)):
+        mine = [r for r in samples if r["setup"] == setup]
+        assert [tok.decode(c, skip_special_tokens=True) for c in generated[10 * k:10 * (k + 1)]] == \
+            [r["completion"] for r in mine]
+        assert score["eval_accuracy"] == pytest.approx(sum(r["reward"] for r in mine) / 10)
+        assert score["eval_len_mean"] == pytest.approx(sum(r["n_tokens"] for r in mine) / 10)
+    assert generated[:10] != generated[10:]  # the members' vectors differ, and so do their samples
 
 
 # -----------------------------------------------------------------------------
@@ -611,7 +727,7 @@ def test_truncated_importance_sampling_weights_each_token(tiny_qwen, train_modul
     cfg = train_module.TrainConfig(task="toy", tis_cap=1.5)
     want = naive_gradient(model, groups, cfg, totals,
                           weight=lambda lp, r: torch.where(shift(lp.shape[1]) < 0, 1.5, 0.5)[None])
-    train_module.accumulate_gradient(model, groups, cfg, None, totals, torch.device("cpu"), 1000)
+    train_module.accumulate_gradient(model, [(groups, totals, None)], cfg, None, torch.device("cpu"), 1000)
     torch.testing.assert_close(model.grad_buffer, want, rtol=1e-4, atol=1e-6)
     plain = naive_gradient(model, groups, cfg, totals)
     assert (plain - want).abs().max() > 0.1 * want.abs().max()
@@ -644,7 +760,8 @@ def test_backward_savings_give_the_naive_gradient(tmp_path, train_module, family
     signal = RG.with_signal(groups)
     assert [len(g.rollouts) for g in signal] == [4, 3, 4]  # group 2 is flat, one zero in group 1
     for budget in (1000, 40, 1):
-        record = train_module.accumulate_gradient(model, signal, cfg, None, totals, torch.device("cpu"), budget)
+        [record] = train_module.accumulate_gradient(model, [(signal, totals, None)], cfg, None, torch.device("cpu"),
+                                                    budget)
         torch.testing.assert_close(model.grad_buffer, want, rtol=1e-5, atol=1e-6)
         pieces = [g for b in RG.micro_batches(signal, budget) for g in b]
         assert record.forwarded_tokens == sum(len(g.prompt) + sum(len(r.completion) - 1 for r in g.rollouts)
@@ -658,8 +775,8 @@ def test_backward_savings_give_the_naive_gradient(tmp_path, train_module, family
 def test_a_step_without_signal_is_a_zero_gradient(tiny_qwen, train_module):
     model = M.Transformer.from_pretrained(tiny_qwen)
     flat = [g for g in random_groups() if all(r.advantage == 0 for r in g.rollouts)]
-    record = train_module.accumulate_gradient(model, RG.with_signal(flat), train_module.TrainConfig(),
-                                              None, dict(total_tokens=1.0), torch.device("cpu"), 1000)
+    [record] = train_module.accumulate_gradient(model, [(RG.with_signal(flat), dict(total_tokens=1.0), None)],
+                                                train_module.TrainConfig(), None, torch.device("cpu"), 1000)
     assert record.forwarded_tokens == 0 and record.micro_batches == 0 and not record.bad_loss
     assert torch.equal(model.grad_buffer, torch.zeros_like(model.grad_buffer))
 
@@ -742,7 +859,9 @@ def test_out_of_memory_halves_the_micro_batch_and_gives_the_same_gradient(tiny_q
                   total_tokens=float(sum(len(r.completion) for r in rows)))
 
     def run(budget):
-        return train_module.accumulate_gradient(model, groups, cfg, None, totals, torch.device("cpu"), budget)
+        [record] = train_module.accumulate_gradient(model, [(groups, totals, None)], cfg, None, torch.device("cpu"),
+                                                    budget)
+        return record
     clean = run(1000)
     reference = model.steering.grad.clone()
     assert clean.micro_batches == 1 and clean.oom_retries == 0
@@ -773,7 +892,7 @@ def test_a_non_finite_gradient_never_updates(train_module, one_rank_group, tiny_
     shape, n = steer.shape, steer.numel()
 
     model.reset_grads().fill_(3.0)  # the flat buffer steer.grad is a view of
-    norm, skipped = train_module.reduce_and_step(model, opt, cfg, 0.1, bad_loss=False)
+    [norm], skipped = train_module.reduce_and_step(model, opt, cfg, [0.1], bad_loss=False)
     assert not skipped and norm == pytest.approx(3.0 * math.sqrt(n))
     after_good = steer.detach().clone()
     assert torch.allclose(after_good, torch.full(shape, -0.1))  # Adam's first step: -lr * sign
@@ -782,7 +901,7 @@ def test_a_non_finite_gradient_never_updates(train_module, one_rank_group, tiny_
 
     for value, bad_loss in ((float("nan"), False), (float("inf"), False), (1.0, True)):
         model.reset_grads().fill_(value)
-        norm, skipped = train_module.reduce_and_step(model, opt, cfg, 0.1, bad_loss=bad_loss)
+        [norm], skipped = train_module.reduce_and_step(model, opt, cfg, [0.1], bad_loss=bad_loss)
         assert skipped and not math.isfinite(norm)
         assert torch.equal(steer.detach(), after_good) and opt.state[steer]["step"].item() == state_step
 
