@@ -24,6 +24,11 @@ sampler, so a prompt gets the same rollouts whatever the number of ranks, and a 
 repeats what the interrupted one would have done: bit for bit on CPU; on GPU up to float
 rounding, which batch composition and kernels change.
 
+Several vectors at once (--lrs 1e-3,3e-3 / --seeds 0,1): every member of the run does all of the
+above with its own prompts and seed, its own row of the steering table in the same sampler call
+and backward, its own slice of the one all-reduced buffer, clip and AdamW param group, and writes
+its own folder: what a run of it alone would compute and write.
+
 Around the method: train_config.py (flags, presets, checks), rl_task.py (prompts, rewards, the one
 evaluation), run_lifecycle.py (run directory, checkpoints, resume, signals, metrics): re-running
 the same command continues a run.
@@ -327,7 +332,9 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
         raise SystemExit(str(e)) from None
     model.checkpoint_blocks = plan.recompute
     if c.is_main:
-        print(f"{model_path}: {dtype}, adapter {cfg.adapter} ({model.num_trainable():,} trainable numbers)")
+        what = f"adapter {cfg.adapter}" if len(crew) == 1 and crew[0].vector is None else \
+            f"{len(crew)} steering vectors side by side: {', '.join(m.name for m in crew)}"
+        print(f"{model_path}: {dtype}, {what} ({model.num_trainable():,} trainable numbers)")
         print(plan.summary())
         write_text(run_dir / "memory_plan.json", plan.to_json())
     model.reset_grads()  # the flat gradient buffer exists from here on (metrics and collectives read it)
