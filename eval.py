@@ -19,8 +19,9 @@ Side by side: the base model and every steering file sampled alike (the same tem
 seeds; e.g. a run's whole history with --checkpoints all) run in ONE sampler pass, each file a row
 of the model's table of vectors and each problem once per row in the same generate calls (sample.py:
 "Many vectors, one batch"). A problem draws the same random numbers under every row, so the results
-equal evaluating the setups one after another (--sequential does that, for comparison); LoRA and
-full fine-tuning setups run alone.
+equal evaluating the setups one after another (--sequential does that, for comparison): bit for
+bit on CPU in fp32; on GPU the logits move by float rounding with the batch's shape, which can flip
+a draw at a CDF boundary, as any change of batch does. LoRA and full fine-tuning setups run alone.
 
 Greedy decoding (temperature 0) is deterministic, so a greedy setup is run ONCE with ONE
 sample per problem, whatever --seeds and --samples say, and reports std 0: k identical samples
@@ -38,7 +39,8 @@ Length, always: prompt + completion <= --max-len, by default the model's context
 
 A run directory of train.py can stand in for a steering file: --checkpoints picks its latest
 vector, every steering-step{N} of its history, given steps, or "best" (every one, with the best
-Avg. marked: chosen on the very test sets reported, as the paper did, so optimistic).
+Avg. marked: chosen on the very test sets reported, as the paper did, so optimistic). A run of
+several vectors (train.py --lrs / --seeds) stands for each of its members' folders.
 
 Prompts are the model's chat template around the problem with the paper's system prompt
 (data.SYSTEM_PROMPT); the tokenizer (the model folder's, or --tokenizer) gives the stop ids and
@@ -80,6 +82,7 @@ import hub
 import memory
 import model as M
 import reward
+import train_config
 from rl_task import EVAL_GRADE_TIMEOUT, Task, completion_budget, math_task
 from run_lifecycle import config_dir
 from sample import Sampler
@@ -215,6 +218,19 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and not (path / M.ADAPTER_JSON).is_file()
 
 
+def run_members(run_dir: Path) -> list[Path]:
+    """The members' folders of a run of several vectors (train.py --lrs / --seeds), each a run
+    directory of its own; [] for a run of one."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--steering {run_dir}: unreadable config.json ({e})") from None
+    if not (saved.get("lrs") or saved.get("seeds")):
+        return []
+    fields = ("lrs", "seeds", "lr", "seed")
+    return [run_dir / m.name for m in train_config.members(types.SimpleNamespace(**{k: saved[k] for k in fields}))]
+
+
 def run_checkpoints(run_dir: Path, which: str) -> list[tuple[Path, int | None]]:
     """The adapter files of a train.py run directory that --checkpoints asks for, oldest first: the
     run's adapter names them (Adapter.latest_file, and its history {kind}-step{N}.safetensors, when
@@ -250,8 +266,9 @@ def make_setups(cfg: EvalConfig) -> list[Setup]:
     for spec in (s.strip() for s in cfg.steering.split(",") if s.strip()):
         if spec.lower() == "none":
             entries.append((None, None, None))
-        elif is_run_dir(Path(spec)):
-            entries += [(str(f), spec, step) for f, step in run_checkpoints(Path(spec), cfg.checkpoints)]
+        elif is_run_dir(Path(spec)):  # a run of several vectors (--lrs / --seeds): each member's folder
+            for run in run_members(Path(spec)) or [Path(spec)]:
+                entries += [(str(f), str(run), step) for f, step in run_checkpoints(run, cfg.checkpoints)]
         elif Path(spec).exists():  # an adapter file, or a full fine-tuning folder
             entries.append((spec, None, None))
         else:  # a shared vector: org/name[:file] on the hub

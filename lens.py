@@ -253,6 +253,7 @@ class Study:
         # sampler's default GiBs
         need = min(len(variants), 8) * args.samples * sum(len(p) + args.max_new_tokens + 16 for p in prompts)
         if self._sampler is None or self._sampler.blocks.num_blocks * self._sampler.block_size < need:
+            self._sampler = None  # the old KV pool goes before the new one is made
             self._sampler = Sampler(self.model, kv_cache_tokens=need, vocab_size=self.vocab_size)
         adapter.set_table(torch.stack([alpha * only(v, list(adapter.layers)) for v, alpha in variants]))
         with steered(self.model, torch.zeros_like(self.vectors), 1.0):  # the table carries every alpha

@@ -242,8 +242,8 @@ class Transformer(nn.Module):
         if name == "steering":
             adapter = super().__getattr__("adapter")
             if not isinstance(adapter, Steering):
-                raise AttributeError(f"model.steering: the adapter is '{adapter.kind}', not steering "
-                                     "(see model.adapter, model.trainable_parameters())")
+                raise AttributeError(f"model.steering: the adapter is {type(adapter).__name__} ('{adapter.kind}'), "
+                                     "not one steering vector (see model.adapter, model.trainable_parameters())")
             return adapter.steering
         return super().__getattr__(name)
 
@@ -261,8 +261,8 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens, positions=None, attend=causal_attention, vector_ids=None):
         """tokens (B, T) -> final-normed hidden states (B, T, d), the adapter applied in every block.
-        vector_ids (B, 1) or (B, T): each sequence's (or token's) row of the steering adapter's table
-        of vectors (adapters.Steering.set_table; 0 = none), instead of the one model.steering."""
+        vector_ids (B, 1) or (B, T): each sequence's (or token's) row of the adapter's table of vectors
+        (adapters.Steering.set_table, or a Population's members; 0 = none), instead of one vector."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
         cos, sin = self.rope(positions)
@@ -384,6 +384,9 @@ class Transformer(nn.Module):
             return save_checkpoint_folder(self, Path(path), meta)
         from safetensors.torch import save_file
         if tensors is None:
+            if isinstance(adapter, Population):
+                raise ValueError("save_adapter: a population's vectors are files of their own, one per member "
+                                 "(adapters.Population.checkpoint_files)")
             tensors = dict(adapter.named_parameters())
         tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
         atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -442,7 +445,8 @@ class Transformer(nn.Module):
     def save_steering(self, path, **metadata):
         """save_adapter for the steering adapter (a public contract: ../shared/DESIGN.md)."""
         if not isinstance(self.adapter, Steering):
-            raise ValueError(f"save_steering: the adapter is '{self.adapter.kind}', not steering (use save_adapter)")
+            raise ValueError(f"save_steering: the adapter is {type(self.adapter).__name__} ('{self.adapter.kind}'), "
+                             "not one steering vector (use save_adapter; a population's files: checkpoint_files)")
         self.save_adapter(path, **metadata)
 
     def check_made_for(self, path, meta=None):

@@ -63,7 +63,7 @@ class Task:
         size = -(-len(self.prompts) // world)
         return list(range(len(self.prompts)))[rank * size:][:size]
 
-    def sample(self, sampler, *, samples: int, temperature: float, seed: int, max_new_tokens: int,
+    def sample(self, sampler, *, samples: int, temperature: float, seed: int | list[int], max_new_tokens: int,
                max_len: int | None, top_p: float = 1.0, rank: int = 0, world: int = 1,
                batch_prompts: int | None = None, progress: Callable[[list], None] | None = None,
                vectors: list[int] | None = None) -> list[Sample]:
@@ -73,11 +73,13 @@ class Task:
         --batch-prompts, in training, eval.py and lens.py alike. `progress` sees each call's groups.
         `vectors`: rows of the model's steering table (adapters.Steering.set_table); every problem
         then runs under each of them in the same generate calls, and draws under each what it would
-        draw with that vector alone (batch_prompts counts problems, not problem x vector)."""
+        draw with that vector alone (batch_prompts counts problems, not problem x vector); `seed`:
+        one for all, or one per vector (train.py's members, each evaluated as its own run would be)."""
         mine = self.share(rank, world)
-        call_seed = seed * 2 ** 32 + zlib.crc32(self.name.encode())
         step = batch_prompts or max(len(mine), 1)
         rows = [None] if vectors is None else list(vectors)
+        seeds = seed if isinstance(seed, list) else [seed] * len(rows)
+        call_seeds = [s * 2 ** 32 + zlib.crc32(self.name.encode()) for s in seeds]
         done = []
         for start in range(0, len(mine), step):
             chunk = mine[start:start + step]
@@ -85,7 +87,8 @@ class Task:
             groups = sampler.generate(prompts, n=samples, temperature=temperature, top_p=top_p,
                                       max_new_tokens=[completion_budget(len(p), max_new_tokens, max_len)
                                                       for p in prompts],
-                                      stop_token_ids=self.stop_token_ids, seed=call_seed, prompt_ids=chunk * len(rows),
+                                      stop_token_ids=self.stop_token_ids, prompt_ids=chunk * len(rows),
+                                      seed=[s for s in call_seeds for _ in chunk],
                                       vectors=None if vectors is None else [r for r in rows for _ in chunk])
             done += [Sample(i, j, c.tokens, c.finish_reason, c.logprobs, vector=rows[g // len(chunk)])
                      for g, (i, group) in enumerate(zip(chunk * len(rows), groups)) for j, c in enumerate(group)]

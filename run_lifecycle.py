@@ -55,9 +55,10 @@ def write_text(path: Path, text: str):
 
 def save_checkpoint(run_dir: Path, model, optimizer, cfg, step: int, epoch: int, offset: int,
                     data_fingerprint: str, snapshot=None):
-    """The adapter's files, as it names them (Adapter.file_names): {kind}-step{N}.safetensors (the
+    """The adapter's files, as it names them (Adapter.checkpoint_files): {kind}-step{N}.safetensors (the
     history: a few KB each for steering) and {kind}.safetensors (the latest, the file eval.py reads;
-    full fine-tuning: the folder full/, no history: each would be a whole model), then checkpoint.pt:
+    full fine-tuning: the folder full/, no history: each would be a whole model; a population: both
+    in each member's folder), then checkpoint.pt:
     the checkpoint is the commit point, and resuming reads nothing else. A full or unwritable disk
     stops the run with the path named; every file is renamed into place only once complete, so the
     previous checkpoint stays intact.
@@ -87,7 +88,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, cfg, step: int, epoch: int,
                 os.fsync(f.fileno())
         M.atomic_write(run_dir / "checkpoint.pt", synced)
     except OSError as e:
-        for leftover in run_dir.glob("*.tmp"):
+        for leftover in [*run_dir.glob("*.tmp"), *run_dir.glob("*/*.tmp")]:  # (a population's member folders)
             leftover.unlink(missing_ok=True)
         raise SystemExit(f"checkpoint of step {step} could not be written to {getattr(e, 'filename', None) or target} "
                          f"({e.strerror or e}); the previous checkpoint in {run_dir} is intact: free space or fix "
@@ -112,6 +113,12 @@ def config_differences(saved: dict, cfg) -> list[str]:
     mine, defaults = asdict(cfg), asdict(type(cfg)())  # a field newer than the saved run: it ran the default
     return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (saved) != {mine[k]!r} (given)"
             for k in mine if k not in RUN_DIR_FIELDS and saved.get(k, defaults[k]) != mine[k]]
+
+
+def metrics_files(run_dir: Path, cfg) -> list[Path]:
+    """The run's metrics.jsonl: its own, or each member's (--lrs / --seeds) in its folder."""
+    from train_config import members
+    return [run_dir / m.name / "metrics.jsonl" for m in members(cfg)]
 
 
 def prepare_run_dir(cfg) -> tuple[Path, dict | None]:
@@ -140,12 +147,12 @@ def prepare_run_dir(cfg) -> tuple[Path, dict | None]:
     cfg.out_dir = str(run_dir)
     if not config_file.is_file():  # a new run
         run_dir.mkdir(parents=True, exist_ok=True)
-        for metrics in [run_dir / "metrics.jsonl", *run_dir.glob("*/metrics.jsonl")]:
+        for metrics in metrics_files(run_dir, cfg):
             metrics.unlink(missing_ok=True)
         write_text(config_file, json.dumps(asdict(cfg), indent=2))
         return run_dir, None
     state = load_checkpoint(run_dir)
-    for metrics in [run_dir / "metrics.jsonl", *run_dir.glob("*/metrics.jsonl")]:  # a population's members' too
+    for metrics in metrics_files(run_dir, cfg):
         if metrics.is_file():
             kept = [ln for ln in metrics.read_text().splitlines() if state and metrics_step(ln) <= state["step"]]
             write_text(metrics, "".join(ln + "\n" for ln in kept))
@@ -347,10 +354,11 @@ class Tracker:
         self.run = wandb.init(project=cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow",
                               config=asdict(cfg), dir=str(run_dir))
 
-    def log(self, m: dict):
+    def log(self, m: dict, prefix: str = ""):
+        """prefix: a population member's name (its numbers under name/...) in the run's one W&B run."""
         numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         numbers.update({f"steering_norm/{i}": v for i, v in enumerate(m.get("steering_norm", []))})
-        self.run.log(numbers, step=m["step"])
+        self.run.log({prefix + k: v for k, v in numbers.items()}, step=m["step"])
 
     def close(self):
         self.run.finish()
@@ -395,11 +403,13 @@ class RunLog:
     --wandb-project), and a progress line: a bar on a terminal, one plain line per step in a log
     file. Other ranks hold no file and print nothing."""
 
-    def __init__(self, cfg, run_dir: Path, is_main: bool, start: int, total: int, label: str = ""):
-        """label: a population member's name, which starts each of its lines (plain lines, no bar)."""
+    def __init__(self, cfg, run_dir: Path, is_main: bool, start: int, total: int, label: str = "",
+                 tracker: Tracker | None = None):
+        """label: a population member's name, which starts each of its lines (plain lines, no bar),
+        logged into the population's `tracker` (its one W&B run, which its owner closes)."""
         self.is_main, self.total, self.label = is_main, total, label
         self.file = open(run_dir / "metrics.jsonl", "a") if is_main else None
-        self.tracker = Tracker(cfg, run_dir) if cfg.wandb_project and is_main else None
+        self.tracker = tracker if label else Tracker(cfg, run_dir) if cfg.wandb_project and is_main else None
         self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stdout,
                         disable=not (is_main and sys.stdout.isatty()) or bool(label))
 
@@ -408,7 +418,7 @@ class RunLog:
             self.file.write(json.dumps(m) + "\n")
             self.file.flush()
             if self.tracker:
-                self.tracker.log(m)
+                self.tracker.log(m, f"{self.label}/" if self.label else "")
 
     def show(self, m: dict):
         if not self.is_main:
@@ -423,5 +433,5 @@ class RunLog:
         self.bar.close()
         if self.is_main:
             self.file.close()
-            if self.tracker:
+            if self.tracker and not self.label:
                 self.tracker.close()

@@ -483,7 +483,8 @@ class _DecodeGraphs:
         programs = batch * self.runner.model.config.num_kv_heads
         return max(1, min(16, self.width, (2 * self.sm_count) // programs))
 
-    def _capture(self, batch, per_sequence: bool):
+    def _capture(self, key: tuple[bool, int]):
+        per_sequence, batch = key
         args = (self.tok[:batch], self.pos[:batch], self.slot[:batch], self.table[:batch], self.seq_lens[:batch])
         ids = self.vector_ids[:batch] if per_sequence else None
         splits = self._splits(batch)
@@ -494,14 +495,14 @@ class _DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            self.outputs[batch] = self.runner.decode_logits(*args, num_splits=splits, vector_ids=ids)
+            self.outputs[key] = self.runner.decode_logits(*args, num_splits=splits, vector_ids=ids)
         self.mempool = graph.pool()
-        self.graphs[batch] = graph
+        self.graphs[key] = graph
 
     def run(self, tok, pos, slot, table, seq_lens, vector_ids=None):
         model = self.runner.model
-        key = (model.adapter_key(), vector_ids is None)
-        if key != self.key:  # captured graphs hold an old adapter, scale or tensor address, or other inputs
+        key = model.adapter_key()
+        if key != self.key:  # captured graphs hold an old adapter, scale or tensor address
             self.graphs, self.outputs, self.key = {}, {}, key
         b = tok.shape[0]
         batch = next(x for x in GRAPH_BATCH_SIZES if x >= b)
@@ -510,10 +511,11 @@ class _DecodeGraphs:
         self.table[:b, :table.shape[1]] = table
         if vector_ids is not None:
             self.vector_ids[:b], self.vector_ids[b:batch] = vector_ids, 0
-        if batch not in self.graphs:
-            self._capture(batch, vector_ids is not None)
-        self.graphs[batch].replay()
-        return self.outputs[batch][:b]
+        graph = (vector_ids is not None, batch)  # one graph per padded size, with and without per-sequence rows
+        if graph not in self.graphs:
+            self._capture(graph)
+        self.graphs[graph].replay()
+        return self.outputs[graph][:b]
 
 # -----------------------------------------------------------------------------
 # The sampler
@@ -590,6 +592,8 @@ class Sampler:
         self.stats = Stats()
         seed = random.getrandbits(63) if seed is None else seed
         seeds = tuple(seed) if isinstance(seed, (list, tuple)) else (seed,) * len(prompts)
+        # the hash reads a seed's low 64 bits: held as the int64 with those bits, any Python int fits a tensor
+        seeds = tuple(((s & 0xFFFFFFFFFFFFFFFF) ^ 1 << 63) - (1 << 63) for s in seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"seed has {len(seeds)} seeds for {len(prompts)} prompts")
         self.params = SamplingParams(temperature, top_p, frozenset(stop_token_ids), seeds, prompt_ids)

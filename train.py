@@ -53,8 +53,8 @@ import memory
 import model as M
 import rloo
 from rl_task import TASKS, Task, completion_budget, eval_task
-from run_lifecycle import (RunLog, StopSignals, check_resume, open_run, restore, run_model, save_checkpoint,
-                           step_metrics, write_text)
+from run_lifecycle import (RunLog, StopSignals, Tracker, check_resume, open_run, restore, run_model,
+                           save_checkpoint, step_metrics, write_text)
 from rollout_groups import Group, as_groups, has_signal, micro_batches, padded_tokens, refill, with_signal
 from sample import Sampler
 from train_config import Member, TrainConfig, check_config, member_config, members, parse_args
@@ -344,14 +344,14 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     for m in crew:  # each member's folder holds what a run of it alone would: its config first
         member_dir = run_dir / m.name
-        if c.is_main and not (member_dir / "config.json").is_file():
+        if c.is_main and (state is None or not (member_dir / "config.json").is_file()):
             member_dir.mkdir(exist_ok=True)
             write_text(member_dir / "config.json", json.dumps(asdict(member_config(cfg, m)), indent=2))
     if state is not None:
         restore(state, model, optimizer)
         if c.is_main and start < total_steps:
             print(f"resuming {run_dir} at step {start}/{total_steps}")
-    elif c.is_main and (run_dir / "metrics.jsonl").is_file():
+    elif c.is_main and any((run_dir / m.name / "metrics.jsonl").is_file() for m in crew):
         print(f"restarting {run_dir} from step 0 (it holds no checkpoint yet)")
 
     sampler = Sampler(model, kv_cache_tokens=plan.kv_cache_tokens, vocab_size=task.vocab_size, max_seq_len=longest)
@@ -439,10 +439,11 @@ def evaluate(run: Run) -> list[dict]:
     per member."""
     cfg, c, task = run.cfg, run.cluster, run.eval_task
     t0 = time.perf_counter()
-    vectors = [m.vector for m in run.members]
-    done = task.evaluate(run.sampler, samples=cfg.eval_samples, temperature=cfg.eval_temperature, seed=cfg.seed,
-                         max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, rank=c.rank, world=c.world,
-                         vectors=None if vectors[0] is None else vectors)
+    vectors, seeds = [m.vector for m in run.members], [m.seed for m in run.members]
+    population = vectors[0] is not None
+    done = task.evaluate(run.sampler, samples=cfg.eval_samples, temperature=cfg.eval_temperature,
+                         seed=seeds if population else seeds[0], max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
+                         rank=c.rank, world=c.world, vectors=vectors if population else None)
     out = []
     for m in run.members:
         mine = [s for s in done if s.vector == m.vector]
@@ -473,8 +474,10 @@ def train(run: Run):
     member has its own metrics.jsonl (and W&B run), in its folder."""
     cfg, c = run.cfg, run.cluster
     stops = StopSignals(run, functools.partial(save, run))
-    logs = [RunLog(member_config(cfg, m), run.run_dir / m.name, c.is_main, run.start, run.total_steps, m.name)
-            for m in run.members]
+    population = run.members[0].vector is not None
+    tracker = Tracker(cfg, run.run_dir) if population and cfg.wandb_project and c.is_main else None
+    logs = [RunLog(member_config(cfg, m), run.run_dir / m.name, c.is_main, run.start, run.total_steps, m.name,
+                   tracker) for m in run.members]
     if cfg.eval_every and run.start == 0:  # the base model's score: where the curve starts
         for log, e in zip(logs, evaluate(run)):
             log.record(dict(step=0, **e))
@@ -497,6 +500,8 @@ def train(run: Run):
         stops.stop_after(step + 1)
     for log in logs:
         log.close()
+    if tracker:
+        tracker.close()
     if c.is_main:
         for m in run.members:
             print(f"done: {run.run_dir / m.name / run.model.adapter.latest_file()}")

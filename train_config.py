@@ -295,20 +295,25 @@ def members(cfg: TrainConfig) -> list[Member]:
     k = max(len(lrs), len(seeds))
     lrs, seeds = lrs * (k // len(lrs)), seeds * (k // len(seeds))
     bad = [lr for lr in lrs if not 0 < lr <= 1]
-    if bad:
+    if bad and cfg.lrs:  # (a bad --lr is --lr's error)
         raise ValueError(f"--lrs {cfg.lrs}: {bad[0]} must be a number in (0, 1]")
     out = [Member(f"lr{lr:g}-seed{seed}", lr, seed, i + 1) for i, (lr, seed) in enumerate(zip(lrs, seeds))]
-    if len({m.name for m in out}) != len(out):
-        raise ValueError(f"--lrs {cfg.lrs!r} --seeds {cfg.seeds!r}: two members with the same lr and seed")
+    names = [m.name for m in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--lrs {cfg.lrs!r} --seeds {cfg.seeds!r}: two members named {twice[0]} (the same lr and "
+                         "seed, to 6 digits): each member needs its own folder")
     return out
 
 
 def member_config(cfg: TrainConfig, member: Member) -> TrainConfig:
     """The config of a run that would train `member` alone (its folder's config.json): a plain
-    run's own config."""
+    run's own config. (With --task toy or --model random-tiny, whose prompts and model come from
+    --seed, that holds for the members whose seed is --seed.)"""
     if member.vector is None:
         return cfg
-    return replace(cfg, lr=member.lr, seed=member.seed, lrs="", seeds="", out_dir=str(Path(cfg.out_dir) / member.name))
+    return replace(cfg, lr=member.lr, seed=member.seed, lrs="", seeds="", resume="",
+                   out_dir=str(Path(cfg.out_dir) / member.name))
 
 
 def check_config(cfg: TrainConfig, world: int):

@@ -436,7 +436,7 @@ def check_decode_paths(report: Report, plan: Plan):
             sampler = sample.Sampler(m, kv_cache_tokens=16 * 7, **kw)  # 7 blocks: the GPU budgets pre-empt
             out = sampler.generate(prompts, n=3, max_new_tokens=plan.greedy_budgets, temperature=0)
             runs[label] = [[c.tokens for c in group] for group in out]
-            captured = sorted(sampler.graphs.graphs) if sampler.graphs else []
+            captured = sorted(size for _, size in sampler.graphs.graphs) if sampler.graphs else []
             note = f"{sampler.stats.preemptions} pre-emptions"
             if captured:
                 note += f", graphs of batches {captured}"

@@ -480,7 +480,7 @@ def test_file_refusals(tiny_qwen, tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ValueError, match="no steer_adapter.json"):
         model.load_adapter(tmp_path / "folder")
-    with pytest.raises(ValueError, match="save_steering: the adapter is 'lora'"):
+    with pytest.raises(ValueError, match=r"save_steering: the adapter is LoRA \('lora'\), not one steering vector"):
         model.save_steering(tmp_path / "x.safetensors")
 
 
@@ -563,13 +563,18 @@ def test_adapter_key(tiny_qwen):
     hash(keys[-1])
 
 
-def test_steering_attribute(tiny_qwen):
+def test_steering_attribute(tiny_qwen, tmp_path):
     model = load(tiny_qwen)
     assert isinstance(model.steering, torch.nn.Parameter) and model.steering is model.adapter.steering
     model.set_adapter("lora")
     assert not hasattr(model, "steering")
-    with pytest.raises(AttributeError, match="model.steering: the adapter is 'lora', not steering"):
+    with pytest.raises(AttributeError, match=r"model.steering: the adapter is LoRA \('lora'\), not one steering"):
         model.steering  # noqa: B018
+    model.set_population(["a", "b"])  # K vectors: no one model.steering, and no one file
+    with pytest.raises(AttributeError, match=r"the adapter is Population \('steering'\), not one steering vector"):
+        model.steering  # noqa: B018
+    with pytest.raises(ValueError, match="a population's vectors are files of their own"):
+        model.save_adapter(tmp_path / "x.safetensors")
 
 
 def test_reset_grads_survives_set_to_none(tiny_qwen):

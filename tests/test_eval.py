@@ -70,7 +70,7 @@ class FakeSampler:
         self.pattern, self.calls, self.requests = pattern, {}, []
 
     def generate(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_ids, vectors=None):
-        self.requests.append(dict(n=n, temperature=temperature, stop=list(stop_token_ids), seed=seed,
+        self.requests.append(dict(n=n, temperature=temperature, stop=list(stop_token_ids), seed=seed[0],
                                   offset=prompt_ids[0]))
         out = []
         for (p,) in prompts:

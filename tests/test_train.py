@@ -114,7 +114,7 @@ def test_the_baselines_learn_the_quickstart(tmp_path, adapter):
     ("--max-new-tokens", "-1", "--max-new-tokens -1: must be >= 0"),
     ("--lrs", "1e-3,nan", "--lrs 1e-3,nan: nan must be a number in (0, 1]"),
     ("--lrs", "0.1,x", "--lrs '0.1,x': comma-separated learning rates"),
-    ("--lrs", "0.1,0.1", "two members with the same lr and seed"),
+    ("--lrs", "0.1,0.1", "two members named lr0.1-seed0 (the same lr and seed"),
     ("--seeds", "1,2,3 --lrs 0.1,0.2", "--lrs gives 2 learning rates and --seeds 3 seeds"),
     ("--seeds", "1,2 --adapter lora", "--adapter lora trains one adapter per run")])
 def test_a_number_that_cannot_work_is_one_line_before_anything_loads(tmp_path, flag, value, says):
@@ -319,6 +319,9 @@ def test_members_trained_side_by_side_equal_their_own_runs(tmp_path):
     torch.testing.assert_close(steering(tmp_path / "plain"), vectors[0], rtol=0, atol=1e-6)
     # eval.py reads a member's folder as a run directory: its whole history, side by side
     assert [s.step for s in ev_setups(tmp_path / "together" / "lr0.01-seed0")] == [None, 2, 4]
+    # ... and the run's own folder as all of its members' folders
+    assert [(Path(s.run).name, s.step) for s in ev_setups(tmp_path / "together")[1:]] == \
+        [(f"lr{lr}-seed{seed}", step) for lr, seed in pairs for step in (2, 4)]
 
 
 def ev_setups(run_dir):
@@ -803,7 +806,8 @@ def parity_run(train, rounds, size=100, odd=True):
     task = train.Task(name="parity", prompts=[[i] for i in range(size)], answers=None, stop_token_ids=[],
                       vocab_size=None, skipped_prompts=0, reward=reward)
     cfg = train.TrainConfig(task="toy", rollouts=4, prompts_per_step=4, dynamic_sampling=rounds)
-    return SimpleNamespace(cfg=cfg, cluster=SimpleNamespace(rank=0, world=1), task=task, sampler=ParitySampler())
+    return SimpleNamespace(cfg=cfg, cluster=SimpleNamespace(rank=0, world=1), task=task, sampler=ParitySampler(),
+                           members=train.members(cfg))
 
 
 def first_groups(train, run, indices):
