@@ -260,23 +260,29 @@ def test_two_ranks_equal_one_process(tmp_path, adapter):
         assert max(t.abs().max() for k, t in one.items() if k != "lora_A") > 0
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
-def test_sigkill_then_resume_is_bit_identical(tmp_path, adapter):
-    args = [*SMALL, "--max-steps", "6", "--checkpoint-every", "2", "--adapter", adapter]
-    check(run([*args, "--out-dir", str(tmp_path / "full")]))
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--out-dir", str(killed)], cwd=ROOT, env=ENV,
+def killed_after_a_checkpoint(args, run_dir) -> int:
+    """Start train.py with `args` in run_dir and SIGKILL it once its first checkpoint exists; the
+    step that checkpoint holds."""
+    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--out-dir", str(run_dir)], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
-    while not (killed / "checkpoint.pt").exists():
+    while not (run_dir / "checkpoint.pt").exists():
         assert proc.poll() is None, f"run ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    saved = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_sigkill_then_resume_is_bit_identical(tmp_path, adapter):
+    args = [*SMALL, "--max-steps", "6", "--checkpoint-every", "2", "--adapter", adapter]
+    check(run([*args, "--out-dir", str(tmp_path / "full")]))
+
+    killed = tmp_path / "killed"
+    saved = killed_after_a_checkpoint(args, killed)
     assert saved < 6, "the run finished before it could be killed"
     (killed / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # as if killed mid-write: ignored
 
@@ -338,16 +344,7 @@ def test_members_resume_as_if_never_stopped(tmp_path):
     args = [*SMALL, "--max-steps", "6", "--checkpoint-every", "2", "--lrs", "0.01,0.03"]
     check(run([*args, "--out-dir", str(tmp_path / "full")]))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--out-dir", str(killed)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while not (killed / "checkpoint.pt").exists():
-        assert proc.poll() is None, f"run ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] < 6
+    assert killed_after_a_checkpoint(args, killed) < 6
     check(run(["--resume", str(killed)]))
     for name in ("lr0.01-seed0", "lr0.03-seed0"):
         assert torch.equal(steering(killed / name), steering(tmp_path / "full" / name))
