@@ -4,8 +4,9 @@ Every block calls its adapter at three fixed points (post_attn, down_proj, post_
 model.py's docstring); `prepare` runs once per forward (scales and casts), so a point costs one
 method call. Steering can also give each sequence of a batch its own vector: a table of vectors
 (Steering.set_table, or the trained members of a Population) and one row index per sequence,
-handed to `prepare` (0 = no steering). The tensors an adapter reads at those points are read in place, so a CUDA graph
-captured around the forward sees optimizer updates (see Transformer.adapter_key).
+handed to `prepare` (0 = no steering). The tensors an adapter reads at those points are read in
+place, so a CUDA graph captured around the forward sees optimizer updates (see
+Transformer.adapter_key).
 
 An adapter kind is one class here, and it answers everything the rest of the code asks of a kind:
 its options and their checks (check_options, read_options from a file's metadata), how it is built
@@ -236,8 +237,9 @@ class Steering(Adapter):
     def set_table(self, vectors: torch.Tensor):
         """vectors (K, L, d), each at its own strength, become rows 1..K of the table; row 0 stays
         zeros (no steering). The table is added at every layer at this adapter's steer_at, so a
-        vector of a layer subset comes with zero rows elsewhere (in_force: h + 0 is h exactly). Its storage is kept
-        while it has room, so a CUDA graph captured on it reads the new contents without recapture."""
+        vector of a layer subset comes with zero rows elsewhere (in_force: h + 0 is h exactly). Its
+        storage is kept while it has room, so a CUDA graph captured on it reads the new contents
+        without recapture."""
         K, L, d = vectors.shape
         if (L, d) != tuple(self.steering.shape):
             raise ValueError(f"a table of vectors of shape {(L, d)}, but the model's steering is "

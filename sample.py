@@ -741,7 +741,8 @@ def parse_cli(argv=None) -> argparse.Namespace:
                    help="auto = model.auto_dtype (bfloat16 on CUDA and on CPUs with native bf16 matmuls)")
     p.add_argument("--device", help="default cuda when available, else cpu")
     p.add_argument("--kv-cache-tokens", type=int, help="KV cache size in tokens (default: the sampler's)")
-    p.add_argument("--batch", type=int, default=16, help="questions per generate call, each under every --steering setup (progress moves per call)")
+    p.add_argument("--batch", type=int, default=16,
+                   help="questions per generate call, each under every --steering setup (progress moves per call)")
     args = p.parse_args(argv)
     for name, low in (("n", 1), ("max_new_tokens", 1), ("batch", 1), ("kv_cache_tokens", 1)):
         value = getattr(args, name)
@@ -831,7 +832,8 @@ def generate_all(model, sampler, tokenizer, args, questions, answers, setups, em
         out = sampler.generate(batch * len(setups), n=args.n, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p,
                                stop_token_ids=tokenizer.stop_token_ids, seed=args.seed,
-                               prompt_ids=[*ids] * len(setups), vectors=[k + 1 for k in range(len(setups)) for _ in batch])
+                               prompt_ids=[*ids] * len(setups),
+                               vectors=[k + 1 for k in range(len(setups)) for _ in batch])
         outputs = [out[k * len(batch):(k + 1) * len(batch)] for k in range(len(setups))]  # per setup, per question
         generated += sum(len(c.tokens) for group in out for c in group)
         if progress is not None:

@@ -79,7 +79,8 @@ def timed(model, fn):
 def bench(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="a checkpoint folder (Qwen2.5-Coder-0.5B-Instruct for README's table)")
-    p.add_argument("--run", default="", help="comma-separated train.py run directories: their checkpoints are the vectors")
+    p.add_argument("--run", default="",
+                   help="comma-separated train.py run directories: their checkpoints are the vectors")
     p.add_argument("--tiny", action="store_true", help="a tiny random model and prompts (CI)")
     p.add_argument("--vectors", default="1,8", help="comma-separated K")
     p.add_argument("--problems", type=int, default=16)

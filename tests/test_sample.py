@@ -338,7 +338,8 @@ def test_per_prompt_budgets_equal_separate_calls(qwen):
 # The command line
 
 
-@pytest.mark.parametrize("use_triton,new_tokens,pool_blocks", [(False, 20, 5), (True, 6, 3)])  # interpreted Triton: short
+# interpreted Triton: a shorter run
+@pytest.mark.parametrize("use_triton,new_tokens,pool_blocks", [(False, 20, 5), (True, 6, 3)])
 def test_vectors_side_by_side_equal_one_at_a_time(qwen, use_triton, new_tokens, pool_blocks):
     """Each prompt under each of 4 rows (the base and 3 vectors at different strengths) in ONE call,
     the copies sharing prompt ids, gives what 4 calls with that vector as model.steering give: the
@@ -357,8 +358,8 @@ def test_vectors_side_by_side_equal_one_at_a_time(qwen, use_triton, new_tokens, 
         qwen.set_adapter("steering")
         qwen.adapter.set_table(vectors)
         sampler = sample.Sampler(qwen, kv_cache_tokens=16 * pool_blocks, use_triton=use_triton)
-        together = sampler.generate(prompts * 4, prompt_ids=[0, 1, 2] * 4, vectors=[r for r in range(4) for _ in prompts],
-                                    **kw)
+        together = sampler.generate(prompts * 4, prompt_ids=[0, 1, 2] * 4,
+                                    vectors=[r for r in range(4) for _ in prompts], **kw)
         assert sampler.stats.preemptions > 0
         assert_pool_whole(sampler)
     finally:
@@ -503,7 +504,8 @@ def test_cli_grades_with_the_reward_and_prints_accuracy():
     answers = ["4", "0.5", "3"]
     lines = []
     setups = [("base", torch.zeros(1))]
-    records = sample.generate_all(SimpleNamespace(adapter=SimpleNamespace(set_table=lambda v: None)), EchoSampler(), FakeTokenizer(), args,
+    model = SimpleNamespace(adapter=SimpleNamespace(set_table=lambda v: None))  # the echo needs no vectors
+    records = sample.generate_all(model, EchoSampler(), FakeTokenizer(), args,
                                   questions, answers, setups, emit=lines.append)
     assert [r["reward"] for r in records] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert lines[1] == "--- base, sample 1/2, correct, answer '4' ---\nso \\boxed{4}"

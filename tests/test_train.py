@@ -313,10 +313,12 @@ def test_members_trained_side_by_side_equal_their_own_runs(tmp_path):
         together, alone = tmp_path / "together" / name, tmp_path / f"alone{seed}" / name
         rows, want = metrics(together), metrics(alone)
         assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in want], name
-        assert [r["lr"] for r in rows] == [float(lr)] * 4 and rows[0]["bytes_allreduced"] == 3 * want[0]["bytes_allreduced"]
+        assert [r["lr"] for r in rows] == [float(lr)] * 4
+        assert rows[0]["bytes_allreduced"] == 3 * want[0]["bytes_allreduced"]
         torch.testing.assert_close(steering(together), steering(alone), rtol=0, atol=1e-6)
-        assert sorted(p.name for p in together.iterdir()) == ["config.json", "metrics.jsonl", "steering-step2.safetensors",
-                                                              "steering-step4.safetensors", "steering.safetensors"]
+        assert sorted(p.name for p in together.iterdir()) == [
+            "config.json", "metrics.jsonl", "steering-step2.safetensors", "steering-step4.safetensors",
+            "steering.safetensors"]
         assert json.loads((together / "config.json").read_text())["lr"] == float(lr)  # the run it stands for
     vectors = [steering(tmp_path / "together" / f"lr{lr}-seed{seed}") for lr, seed in pairs]
     assert (vectors[0] - vectors[1]).abs().max() > 0.01  # the members did train apart
