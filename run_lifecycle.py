@@ -105,7 +105,8 @@ def load_checkpoint(run_dir: Path) -> dict | None:
         raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
-RUN_DIR_FIELDS = ("out_dir", "resume")  # where a run lives, not what it computes
+# Where a run lives and what it records, not what it computes: a continued run may change them.
+RUN_DIR_FIELDS = ("out_dir", "resume", "log_rollouts")
 
 
 def config_differences(saved: dict, cfg) -> list[str]:
@@ -115,18 +116,20 @@ def config_differences(saved: dict, cfg) -> list[str]:
             for k in mine if k not in RUN_DIR_FIELDS and saved.get(k, defaults[k]) != mine[k]]
 
 
-def metrics_files(run_dir: Path, cfg) -> list[Path]:
-    """The run's metrics.jsonl: its own, or each member's (--lrs / --seeds) in its folder."""
+def step_files(run_dir: Path, cfg) -> list[Path]:
+    """The run's files of one JSON line per step (metrics.jsonl) or per rollout (rollouts*.jsonl,
+    --log-rollouts): its own, or each member's (--lrs / --seeds) in its folder."""
     from train_config import members
-    return [run_dir / m.name / "metrics.jsonl" for m in members(cfg)]
+    folders = [run_dir / m.name for m in members(cfg)]
+    return [f / "metrics.jsonl" for f in folders] + [p for f in folders if f.is_dir() for p in f.glob("rollouts*.jsonl")]
 
 
 def prepare_run_dir(cfg) -> tuple[Path, dict | None]:
     """Rank 0: the run directory and the checkpoint to continue from, if any. A directory that
     holds a run of the same config continues it (a re-run of the same command, a torchrun restart,
-    a scheduler requeue); one that holds anything else is refused. metrics.jsonl is cut back to
-    the checkpoint's step, so the lines a killed run wrote after its last checkpoint are replaced,
-    not duplicated."""
+    a scheduler requeue); one that holds anything else is refused. metrics.jsonl (and
+    rollouts*.jsonl) is cut back to the checkpoint's step, so the lines a killed run wrote after
+    its last checkpoint are replaced, not duplicated."""
     run_dir = Path(cfg.resume or cfg.out_dir or default_run_dir(cfg))
     config_file = run_dir / "config.json"
     if not cfg.resume and config_file.is_file():
@@ -147,15 +150,15 @@ def prepare_run_dir(cfg) -> tuple[Path, dict | None]:
     cfg.out_dir = str(run_dir)
     if not config_file.is_file():  # a new run
         run_dir.mkdir(parents=True, exist_ok=True)
-        for metrics in metrics_files(run_dir, cfg):
-            metrics.unlink(missing_ok=True)
+        for lines in step_files(run_dir, cfg):
+            lines.unlink(missing_ok=True)
         write_text(config_file, json.dumps(asdict(cfg), indent=2))
         return run_dir, None
     state = load_checkpoint(run_dir)
-    for metrics in metrics_files(run_dir, cfg):
-        if metrics.is_file():
-            kept = [ln for ln in metrics.read_text().splitlines() if state and metrics_step(ln) <= state["step"]]
-            write_text(metrics, "".join(ln + "\n" for ln in kept))
+    for lines in step_files(run_dir, cfg):
+        if lines.is_file():
+            kept = [ln for ln in lines.read_text().splitlines() if state and metrics_step(ln) <= state["step"]]
+            write_text(lines, "".join(ln + "\n" for ln in kept))
     return run_dir, state
 
 
@@ -214,7 +217,7 @@ def restore(state: dict, model, optimizer):
 
 
 def metrics_step(line: str) -> float:
-    """The step of a metrics.jsonl line; a torn last line (a crash mid-write) counts as past every checkpoint."""
+    """The step of a metrics.jsonl (or rollouts.jsonl) line; a torn last line (a crash mid-write) counts as past every checkpoint."""
     try:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -435,3 +438,20 @@ class RunLog:
             self.file.close()
             if self.tracker and not self.label:
                 self.tracker.close()
+
+
+class RolloutLog:
+    """--log-rollouts: every rollout this rank sampled for one member, a JSON line each, in the
+    member's folder: rollouts.jsonl, or rollouts-rank{R}.jsonl per rank when there are several
+    (no text crosses ranks). What a curve hides - the answers' form, code, length - can be read
+    from it without sampling again."""
+
+    def __init__(self, folder: Path, rank: int, world: int):
+        self.file = open(folder / ("rollouts.jsonl" if world == 1 else f"rollouts-rank{rank}.jsonl"), "a")
+
+    def write(self, rows: list[dict]):
+        self.file.write("".join(json.dumps(r) + "\n" for r in rows))
+        self.file.flush()
+
+    def close(self):
+        self.file.close()

@@ -53,7 +53,7 @@ import memory
 import model as M
 import rloo
 from rl_task import TASKS, Task, completion_budget, eval_task
-from run_lifecycle import (RunLog, StopSignals, Tracker, check_resume, open_run, restore, run_model,
+from run_lifecycle import (RolloutLog, RunLog, StopSignals, Tracker, check_resume, open_run, restore, run_model,
                            save_checkpoint, step_metrics, write_text)
 from rollout_groups import Group, as_groups, has_signal, micro_batches, padded_tokens, refill, with_signal
 from sample import Sampler
@@ -359,11 +359,12 @@ def setup(cfg: TrainConfig, c: cluster.Cluster) -> Run:
                math.ceil(cfg.warmup * total_steps), start, plan.micro_batch_tokens, crew, evals)
 
 
-def rl_step(run: Run, step: int) -> list[dict]:
+def rl_step(run: Run, step: int) -> tuple[list[dict], list[list[dict]] | None]:
     """One step on every rank: sample -> reward -> RLOO advantages -> backward over micro-batches
     -> all-reduce of the L x d gradient -> AdamW. With several members (--lrs / --seeds) each does
     all of it with its own prompts, in the same sampler call, backward, all-reduce and optimizer
-    step. Returns each member's metrics for the step, over all ranks."""
+    step. Returns each member's metrics for the step, over all ranks, and with --log-rollouts each
+    member's rollouts on this rank (rollout_rows)."""
     cfg, c, task, N = run.cfg, run.cluster, run.task, run.cfg.rollouts
     P, per_rank = cfg.prompts_per_step, cfg.prompts_per_step // c.world
     t0 = time.perf_counter()
@@ -429,7 +430,24 @@ def rl_step(run: Run, step: int) -> list[dict]:
                                 dynamic=bool(cfg.dynamic_sampling), micro_batches=grad.micro_batches,
                                 micro_batch_tokens=run.micro_batch_tokens, skipped_prompts=task.skipped_prompts,
                                 member=None if m.vector is None else k))
-    return out
+    rows = [rollout_rows(task, step, indices, cs, r, adv, cfg.overlong_filter)
+            for (_, indices), cs, r, adv in zip(work, completions, rewards, advs)] if cfg.log_rollouts else None
+    return out, rows
+
+
+def rollout_rows(task: Task, step: int, indices: list[int], completions, rewards: list[float],
+                 advantages: torch.Tensor, overlong_filter: bool) -> list[dict]:
+    """--log-rollouts: one record per rollout (prompt-major, as sampled), with the advantage its
+    tokens were trained with (0 for one the overlong filter dropped)."""
+    rows = []
+    for k, comp in enumerate(completions):
+        i, truncated = indices[k // advantages.shape[1]], comp.finish_reason == "length"
+        rows.append(dict(step=step + 1, prompt=i, id=task.rows[i].get("id") if task.rows else None,
+                         rollout=k % advantages.shape[1], reward=rewards[k],
+                         advantage=0.0 if overlong_filter and truncated else advantages.view(-1)[k].item(),
+                         tokens=len(comp.tokens), finish_reason=comp.finish_reason,
+                         completion=task.decode(comp.tokens) if task.decode else comp.tokens))
+    return rows
 
 
 def evaluate(run: Run) -> list[dict]:
@@ -478,12 +496,13 @@ def train(run: Run):
     tracker = Tracker(cfg, run.run_dir) if population and cfg.wandb_project and c.is_main else None
     logs = [RunLog(member_config(cfg, m), run.run_dir / m.name, c.is_main, run.start, run.total_steps, m.name,
                    tracker) for m in run.members]
+    rollout_logs = [RolloutLog(run.run_dir / m.name, c.rank, c.world) for m in run.members] if cfg.log_rollouts else []
     if cfg.eval_every and run.start == 0:  # the base model's score: where the curve starts
         for log, e in zip(logs, evaluate(run)):
             log.record(dict(step=0, **e))
     for step in range(run.start, run.total_steps):
         stops.take_snapshot(step)
-        metrics = rl_step(run, step)
+        metrics, rollouts = rl_step(run, step)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             for m, e in zip(metrics, evaluate(run)):
                 m.update(e)
@@ -495,10 +514,12 @@ def train(run: Run):
             m["rank_divergence"] = divergence
             log.record(m)
             log.show(m)
+        for log, rows in zip(rollout_logs, rollouts or []):
+            log.write(rows)
         if checkpoint_now:
             stops.checkpoint(step + 1)
         stops.stop_after(step + 1)
-    for log in logs:
+    for log in logs + rollout_logs:
         log.close()
     if tracker:
         tracker.close()

@@ -112,9 +112,12 @@ class TrainConfig:
                         "command finds it again). If it holds a run of the same config, "
                         "that run continues from its last checkpoint (so re-running a command, a torchrun restart "
                         "or a requeue resumes); a different config is refused")
-    resume: str = _opt("", "continue the run in this directory from its last checkpoint (other flags not allowed)")
+    resume: str = _opt("", "continue the run in this directory from its last checkpoint (no other flag but --log-rollouts)")
     checkpoint_every: int = _opt(50, "checkpoint every this many steps (and always at the end); each checkpoint "
                                  "also keeps its vector as steering-step{N}.safetensors")
+    log_rollouts: bool = _opt(False, "append every rollout (prompt row, reward, advantage, length, text) to "
+                              "rollouts.jsonl beside metrics.jsonl, one line each (rollouts-rank{R}.jsonl per rank "
+                              "with several); may be switched on or off when a run continues")
     wandb_project: str = _opt("", "log the config and every step's metrics to this Weights & Biases project "
                               "(needs `pip install wandb`; imported only when set)")
     preset: str = _opt("", "start from a named set of defaults (flags given override them): quickstart (tiny "
@@ -217,10 +220,11 @@ def parse_args(argv=None, doc: str = __doc__) -> TrainConfig:
                         default=argparse.SUPPRESS, help="same as --preset quickstart")
     given = vars(parser.parse_args(argv))  # only the flags actually passed (defaults are SUPPRESSed)
     if given.get("resume"):
-        others = sorted(k for k in given if k != "resume")
+        others = sorted(k for k in given if k not in ("resume", "log_rollouts"))
         if others:
             parser.error(f"--resume continues a run with its saved config.json; remove {others}")
-        return load_config(Path(given["resume"]) / "config.json", resume=given["resume"])
+        cfg = load_config(Path(given["resume"]) / "config.json", resume=given["resume"])
+        return replace(cfg, log_rollouts=given.get("log_rollouts", cfg.log_rollouts))
     preset = given.get("preset", "")
     if preset and preset not in PRESETS:
         parser.error(f"--preset {preset!r} is unknown (known: {sorted(PRESETS)})")

@@ -356,6 +356,35 @@ def test_members_resume_as_if_never_stopped(tmp_path):
                                                            strict=True)]
 
 
+def test_rollouts_log_what_each_step_trained_on(tmp_path, train_module):
+    """--log-rollouts: one line per rollout with the toy reward recomputable from its tokens, RLOO's
+    advantages of its group, the step's metrics as their mean; switched on when a killed run
+    continues, it logs exactly the steps an uninterrupted run logged from there on."""
+    import rloo
+    args = [*SMALL, "--max-steps", "4", "--checkpoint-every", "2"]
+    check(run([*args, "--log-rollouts", "--out-dir", str(tmp_path / "full")]))
+    rows = [json.loads(line) for line in (tmp_path / "full" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 4 * 4
+    for step, m in enumerate(metrics(tmp_path / "full"), start=1):
+        mine = [r for r in rows if r["step"] == step]
+        assert [(r["prompt"] == mine[0]["prompt"], r["rollout"]) for r in mine[:4]] == [(True, k) for k in range(4)]
+        for r in mine:  # the toy reward: the share of completion tokens that are token 5
+            assert r["reward"] == pytest.approx(r["completion"].count(5) / len(r["completion"]))
+            assert r["tokens"] == len(r["completion"]) and r["finish_reason"] in ("stop", "length")
+        rewards = torch.tensor([r["reward"] for r in mine], dtype=torch.float64).view(4, 4)
+        advantages = rloo.advantages(rewards).view(-1).tolist()
+        assert [r["advantage"] for r in mine] == pytest.approx(advantages)
+        assert m["reward_mean"] == pytest.approx(rewards.mean().item())
+        assert m["completion_len_mean"] == pytest.approx(sum(r["tokens"] for r in mine) / 16)
+
+    killed = tmp_path / "killed"
+    saved = killed_after_a_checkpoint(args, killed)  # started without the flag
+    check(run([*args, "--out-dir", str(killed), "--log-rollouts"]))  # the same run, continued, logging
+    assert (killed / "rollouts.jsonl").read_text().splitlines() == \
+        [json.dumps(r) for r in rows if r["step"] > saved]
+    assert train_module.parse_args(["--resume", str(killed), "--log-rollouts"], train_module.__doc__).log_rollouts
+
+
 def test_resume_refuses_changed_training_data(tmp_path):
     run_dir = tmp_path / "run"
     check(run([*SMALL, "--max-steps", "2", "--checkpoint-every", "2", "--out-dir", str(run_dir)]))
