@@ -576,6 +576,39 @@ def test_cli_greedy_equals_hf_generate_real_qwen(capsys):
     assert all(f"---\n{text}\n" in printed for _, text in want)
 
 
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*/steering.safetensors"))
+
+
+@pytest.mark.parametrize("vector", EXAMPLES, ids=lambda p: p.parent.name)
+def test_an_example_is_the_run_its_files_say(vector):
+    """examples/*: the vector, its run's config and its metrics agree: the file's metadata is the
+    config's (model, dataset, final step), and the last metrics line's per-layer norms are the file's."""
+    import train_config
+    vectors, meta = M.read_steering(vector)
+    cfg = train_config.load_config(vector.parent / "config.json", resume="")
+    rows = [json.loads(line) for line in (vector.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, cfg.max_steps + 1))
+    assert (meta["base_model"], meta["dataset"], int(meta["step"])) == (cfg.model, cfg.dataset, cfg.max_steps)
+    assert vectors.shape == (int(meta["num_layers"]), int(meta["hidden_size"])) and vectors.isfinite().all()
+    assert vectors.norm(dim=-1).tolist() == pytest.approx(rows[-1]["steering_norm"], rel=1e-5)
+
+
+def test_examples_exist():
+    assert EXAMPLES, "examples/ holds no trained vector"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_QWEN / "model.safetensors").is_file(), reason=f"{REAL_QWEN} is absent")
+@needs_math_verify
+def test_the_arithmetic_example_answers_what_the_base_gets_wrong(capsys):
+    """examples/README.md's answer: greedy, the base model boxes a wrong number, the vector -351."""
+    vector = [p for p in EXAMPLES if p.parent.name.startswith("arithmetic")][0]
+    records = sample.main(["--model", str(REAL_QWEN), "--steering", f"none,{vector}", "--max-new-tokens", "96",
+                           "--answer=-351", "What is 401 - 752?"])
+    assert [r["reward"] for r in records] == [0.0, 1.0]
+    assert "\\boxed{-351}" in records[1]["text"]
+
+
 def test_an_empty_question_is_one_line(tiny_with_tokenizer, tmp_path):
     proc = subprocess.run([sys.executable, str(Path(sample.__file__)), "--model", str(tiny_with_tokenizer), ""],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
