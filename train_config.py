@@ -117,7 +117,8 @@ class TrainConfig:
                                  "also keeps its vector as steering-step{N}.safetensors")
     log_rollouts: bool = _opt(False, "append every rollout (prompt row, reward, advantage, length, text) to "
                               "rollouts.jsonl beside metrics.jsonl, one line each (rollouts-rank{R}.jsonl per rank "
-                              "with several); may be switched on or off when a run continues")
+                              "with several; the scheduled prompts', not --dynamic-sampling's extra draws); may be "
+                              "switched on or off when a run continues")
     wandb_project: str = _opt("", "log the config and every step's metrics to this Weights & Biases project "
                               "(needs `pip install wandb`; imported only when set)")
     preset: str = _opt("", "start from a named set of defaults (flags given override them): quickstart (tiny "
