@@ -121,7 +121,8 @@ def step_files(run_dir: Path, cfg) -> list[Path]:
     --log-rollouts): its own, or each member's (--lrs / --seeds) in its folder."""
     from train_config import members
     folders = [run_dir / m.name for m in members(cfg)]
-    return [f / "metrics.jsonl" for f in folders] + [p for f in folders if f.is_dir() for p in f.glob("rollouts*.jsonl")]
+    rollouts = [p for f in folders if f.is_dir() for p in sorted(f.glob("rollouts*.jsonl"))]
+    return [f / "metrics.jsonl" for f in folders] + rollouts
 
 
 def prepare_run_dir(cfg) -> tuple[Path, dict | None]:
@@ -217,7 +218,8 @@ def restore(state: dict, model, optimizer):
 
 
 def metrics_step(line: str) -> float:
-    """The step of a metrics.jsonl (or rollouts.jsonl) line; a torn last line (a crash mid-write) counts as past every checkpoint."""
+    """The step of a metrics.jsonl (or rollouts.jsonl) line; a torn last line (a crash mid-write)
+    counts as past every checkpoint."""
     try:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):

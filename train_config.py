@@ -112,7 +112,8 @@ class TrainConfig:
                         "command finds it again). If it holds a run of the same config, "
                         "that run continues from its last checkpoint (so re-running a command, a torchrun restart "
                         "or a requeue resumes); a different config is refused")
-    resume: str = _opt("", "continue the run in this directory from its last checkpoint (no other flag but --log-rollouts)")
+    resume: str = _opt("", "continue the run in this directory from its last checkpoint (no other flag but "
+                           "--log-rollouts)")
     checkpoint_every: int = _opt(50, "checkpoint every this many steps (and always at the end); each checkpoint "
                                  "also keeps its vector as steering-step{N}.safetensors")
     log_rollouts: bool = _opt(False, "append every rollout (prompt row, reward, advantage, length, text) to "
