@@ -106,14 +106,14 @@ def load_checkpoint(run_dir: Path) -> dict | None:
 
 
 # Where a run lives and what it records, not what it computes: a continued run may change them.
-RUN_DIR_FIELDS = ("out_dir", "resume", "log_rollouts")
+NOT_COMPUTED = ("out_dir", "resume", "log_rollouts")
 
 
 def config_differences(saved: dict, cfg) -> list[str]:
-    """The fields (other than the run directory's) on which a saved config.json and `cfg` differ."""
+    """The fields (other than NOT_COMPUTED) on which a saved config.json and `cfg` differ."""
     mine, defaults = asdict(cfg), asdict(type(cfg)())  # a field newer than the saved run: it ran the default
     return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (saved) != {mine[k]!r} (given)"
-            for k in mine if k not in RUN_DIR_FIELDS and saved.get(k, defaults[k]) != mine[k]]
+            for k in mine if k not in NOT_COMPUTED and saved.get(k, defaults[k]) != mine[k]]
 
 
 def step_files(run_dir: Path, cfg) -> list[Path]:
@@ -239,7 +239,7 @@ def default_run_dir(cfg) -> str:
     leaves every existing run's directory name as it was."""
     defaults = asdict(type(cfg)())
     return config_dir(cfg.preset or cfg.task, {k: v for k, v in asdict(cfg).items()
-                                                if k not in RUN_DIR_FIELDS and v != defaults[k]})
+                                                if k not in NOT_COMPUTED and v != defaults[k]})
 
 # -----------------------------------------------------------------------------
 # Stopping: SIGTERM (schedulers before pre-emption, torchrun when a peer failed) and SIGINT

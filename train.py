@@ -383,7 +383,7 @@ def rl_step(run: Run, step: int) -> tuple[list[dict], list[list[dict]] | None]:
     t2 = time.perf_counter()
     groups = [as_groups([task.prompts[i] for i in indices], cs, adv, cfg.overlong_filter)
               for (_, indices), cs, adv in zip(work, completions, advs)]
-    draws = 0
+    scheduled, draws = list(groups), 0  # (what --log-rollouts records: refill may replace groups[0])
     if cfg.dynamic_sampling:  # (one member: check_config)
         groups[0], draws = refill(groups[0], cfg.dynamic_sampling, functools.partial(fresh_groups, run, step))
     t_refill = time.perf_counter()
@@ -430,24 +430,21 @@ def rl_step(run: Run, step: int) -> tuple[list[dict], list[list[dict]] | None]:
                                 dynamic=bool(cfg.dynamic_sampling), micro_batches=grad.micro_batches,
                                 micro_batch_tokens=run.micro_batch_tokens, skipped_prompts=task.skipped_prompts,
                                 member=None if m.vector is None else k))
-    rows = [rollout_rows(task, step, indices, cs, r, adv, cfg.overlong_filter)
-            for (_, indices), cs, r, adv in zip(work, completions, rewards, advs)] if cfg.log_rollouts else None
+    rows = [rollout_rows(task, step, indices, cs, r, gs)
+            for (_, indices), cs, r, gs in zip(work, completions, rewards, scheduled)] if cfg.log_rollouts else None
     return out, rows
 
 
 def rollout_rows(task: Task, step: int, indices: list[int], completions, rewards: list[float],
-                 advantages: torch.Tensor, overlong_filter: bool) -> list[dict]:
+                 groups: list[Group]) -> list[dict]:
     """--log-rollouts: one record per rollout (prompt-major, as sampled), with the advantage its
-    tokens were trained with (0 for one the overlong filter dropped)."""
-    rows = []
-    for k, comp in enumerate(completions):
-        i, truncated = indices[k // advantages.shape[1]], comp.finish_reason == "length"
-        rows.append(dict(step=step + 1, prompt=i, id=task.rows[i].get("id") if task.rows else None,
-                         rollout=k % advantages.shape[1], reward=rewards[k],
-                         advantage=0.0 if overlong_filter and truncated else advantages.view(-1)[k].item(),
-                         tokens=len(comp.tokens), finish_reason=comp.finish_reason,
-                         completion=task.decode(comp.tokens) if task.decode else comp.tokens))
-    return rows
+    tokens were trained with (its Group's: 0 for one the overlong filter dropped)."""
+    trained = [r for g in groups for r in g.rollouts]
+    N = len(groups[0].rollouts)
+    return [dict(step=step + 1, prompt=indices[k // N], id=task.rows[indices[k // N]].get("id") if task.rows else None,
+                 rollout=k % N, reward=rewards[k], advantage=r.advantage, tokens=len(comp.tokens),
+                 finish_reason=comp.finish_reason, completion=task.decode(comp.tokens) if task.decode else comp.tokens)
+            for k, (comp, r) in enumerate(zip(completions, trained, strict=True))]
 
 
 def evaluate(run: Run) -> list[dict]:
