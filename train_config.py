@@ -13,6 +13,7 @@ import adapters
 import rl_task
 import rloo
 
+STREAM_PROMPTS = 8  # --layer-lr stream measures the base model's residual stream on this many training prompts
 
 
 def _opt(default, help):
@@ -54,6 +55,11 @@ class TrainConfig:
     # optimisation
     lr: float = _opt(1e-3, "AdamW learning rate (after warmup)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
+    layer_lr: str = _opt("uniform", "steering: uniform (every layer's vector takes the same AdamW step, the paper's) "
+                         "or stream (layer l's step, decay included, times the base model's residual-stream norm "
+                         "after block l over its mean across the trained layers, measured at startup on the first "
+                         f"{STREAM_PROMPTS} training prompts, so that each vector moves by about the same fraction of the stream "
+                         "it is added to; that stream grows ~18x over Qwen2.5-0.5B's 24 layers)")
     warmup: float = _opt(0.03, "fraction of the steps with linear warmup from 0; constant after")
     grad_clip: float = _opt(2.0, "clip the global gradient norm to this (0 = off)")
     loss_norm: str = _opt("token", "loss normalisation: token (÷ completion tokens of the step, all ranks), "
@@ -347,6 +353,10 @@ def check_config(cfg: TrainConfig, world: int):
         problems.append(f"--temperature {cfg.temperature}: training samples, so it must be > 0")
     if cfg.loss_norm not in rloo.NORMALIZATIONS:
         problems.append(f"--loss-norm {cfg.loss_norm!r}: use one of {rloo.NORMALIZATIONS}")
+    if cfg.layer_lr not in ("uniform", "stream"):
+        problems.append(f"--layer-lr {cfg.layer_lr!r}: use uniform or stream")
+    elif cfg.layer_lr == "stream" and cfg.adapter != adapters.Steering.kind:
+        problems.append(f"--layer-lr stream scales steering vectors' steps; --adapter {cfg.adapter} has none")
     if cfg.reward not in ("pm1", "01"):
         problems.append(f"--reward {cfg.reward!r}: use pm1 or 01")
     if cfg.dynamic_sampling < 0:

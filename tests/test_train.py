@@ -116,7 +116,9 @@ def test_the_baselines_learn_the_quickstart(tmp_path, adapter):
     ("--lrs", "0.1,x", "--lrs '0.1,x': comma-separated learning rates"),
     ("--lrs", "0.1,0.1", "two members named lr0.1-seed0 (the same lr and seed"),
     ("--seeds", "1,2,3 --lrs 0.1,0.2", "--lrs gives 2 learning rates and --seeds 3 seeds"),
-    ("--seeds", "1,2 --adapter lora", "--adapter lora trains one adapter per run")])
+    ("--seeds", "1,2 --adapter lora", "--adapter lora trains one adapter per run"),
+    ("--layer-lr", "depth", "--layer-lr 'depth': use uniform or stream"),
+    ("--layer-lr", "stream --adapter full", "--adapter full has none")])
 def test_a_number_that_cannot_work_is_one_line_before_anything_loads(tmp_path, flag, value, says):
     """Each refused as a user does it: exit 2, one line naming the flag and its rule, no run directory
     made (nothing loaded or written first)."""
@@ -936,6 +938,54 @@ def test_a_non_finite_gradient_never_updates(train_module, one_rank_group, tiny_
         [norm], skipped = train_module.reduce_and_step(model, opt, cfg, [0.1], bad_loss=bad_loss)
         assert skipped and not math.isfinite(norm)
         assert torch.equal(steer.detach(), after_good) and opt.state[steer]["step"].item() == state_step
+
+
+def test_layer_lr_stream_measures_the_base_stream_and_scales_each_layers_step(tmp_path, train_module, one_rank_group):
+    """--layer-lr stream: the factors are the residual-stream norms after each block as HF's own
+    decoder layers produce them (first token left out), over their mean on the trained layers,
+    whatever the vectors already hold (a resumed run measures the base model again); and each
+    layer's AdamW step, decay included, is its plain step times its factor, in a population's too."""
+    from conftest import hf_model
+    hf, outputs = hf_model("qwen2-tied", layers=4), []
+    with torch.no_grad():  # small embeddings: the blocks' outputs then dominate, and the stream grows with depth
+        hf.model.embed_tokens.weight.mul_(0.01)
+    hf.save_pretrained(tmp_path)
+    model = M.Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    model.set_adapter("steering", layers="1-3")
+    with torch.no_grad():
+        model.steering.normal_()  # a resumed run's vectors: not what the factors measure
+    prompts = [[5, 9, 3, 7, 1], [2, 8, 4], [11, 12, 13, 14, 15, 16, 17]]
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in hf.model.layers]
+    norms = torch.zeros(4)
+    with torch.no_grad():
+        for p in prompts:
+            outputs.clear()
+            hf(torch.tensor([p]))
+            norms += torch.stack([h[0, 1:].norm(dim=-1).sum() for h in outputs])
+    for hook in hooks:
+        hook.remove()
+    norms /= sum(len(p) - 1 for p in prompts)
+    scale = train_module.stream_scale(model, prompts, model.adapter.layers)
+    torch.testing.assert_close(scale, norms / norms[1:].mean(), rtol=1e-5, atol=0)
+    assert scale.max() / scale.min() > 1.05  # the layers' factors differ: the test can tell them apart
+
+    cfg = train_module.TrainConfig(grad_clip=0.0)
+    for population in (False, True):
+        steps = []
+        for factors in (None, scale):
+            model.set_population(["a", "b"]) if population else model.set_adapter("steering")
+            params = model.trainable_parameters()
+            with torch.no_grad():
+                for p in params:  # not zero, so that the decay moves them too
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            start = [p.detach().clone() for p in params]
+            opt = torch.optim.AdamW([dict(params=[p]) for p in params], lr=0.1, weight_decay=0.5)
+            model.reset_grads().copy_(torch.randn(model.grad_buffer.shape, generator=torch.Generator().manual_seed(2)))
+            train_module.reduce_and_step(model, opt, cfg, [0.1] * len(params), bad_loss=False, layer_scale=factors)
+            steps.append([p.detach() - p0 for p, p0 in zip(params, start)])
+        for plain, scaled in zip(*steps, strict=True):
+            torch.testing.assert_close(scaled, plain * scale[:, None], rtol=1e-5, atol=1e-6)
 
 
 # -----------------------------------------------------------------------------
