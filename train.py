@@ -287,13 +287,13 @@ def stream_scale(model, prompts: list[list[int]], layers) -> torch.Tensor:
 
     hooks = [block.register_forward_hook(record(i)) for i, block in enumerate(model.layers)]
     ids = torch.zeros(1, 1, dtype=torch.long) if isinstance(model.adapter, adapters.Population) else None  # 0: none
+    device = model.embed_tokens.weight.device
+    ids = None if ids is None else ids.to(device)
     saved, model.steering_scale = model.steering_scale, 0.0  # the base model's stream, whatever the vectors hold
     try:
         with torch.no_grad():
             for prompt in prompts:
-                device = model.embed_tokens.weight.device
-                model.hidden_states(torch.tensor([prompt], device=device),
-                                    vector_ids=None if ids is None else ids.to(device))
+                model.hidden_states(torch.tensor([prompt], device=device), vector_ids=ids)
                 tokens += len(prompt) - 1
     finally:
         model.steering_scale = saved

@@ -58,8 +58,8 @@ class TrainConfig:
     layer_lr: str = _opt("uniform", "steering: uniform (every layer's vector takes the same AdamW step, the paper's) "
                          "or stream (layer l's step, decay included, times the base model's residual-stream norm "
                          "after block l over its mean across the trained layers, measured at startup on the first "
-                         f"{STREAM_PROMPTS} training prompts, so that each vector moves by about the same fraction of the stream "
-                         "it is added to; that stream grows ~18x over Qwen2.5-0.5B's 24 layers)")
+                         f"{STREAM_PROMPTS} training prompts, so that each vector moves by about the same fraction "
+                         "of the stream it is added to; that stream grows ~18x over Qwen2.5-0.5B's 24 layers)")
     warmup: float = _opt(0.03, "fraction of the steps with linear warmup from 0; constant after")
     grad_clip: float = _opt(2.0, "clip the global gradient norm to this (0 = off)")
     loss_norm: str = _opt("token", "loss normalisation: token (÷ completion tokens of the step, all ranks), "
