@@ -262,11 +262,11 @@ def reduce_and_step(model, optimizer, cfg: TrainConfig, lrs: list[float], bad_lo
         if cfg.grad_clip > 0:
             g.mul_(min(1.0, cfg.grad_clip / (norm + 1e-6)))  # clip_grad_norm_'s rule, on the member's slice
         group["lr"] = lr
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    before = [p.detach().clone() for p in params] if layer_scale is not None else []
+    before = [] if layer_scale is None else [(p, p.detach().clone()) for g in optimizer.param_groups
+                                             for p in g["params"]]
     optimizer.step()
     with torch.no_grad():  # AdamW's step (update and decay) is proportional to lr: this is a per-layer lr
-        for p, p0 in zip(params, before):
+        for p, p0 in before:
             p.copy_(torch.lerp(p0, p, layer_scale[:, None]))  # p0 + (p - p0) * scale, row by row
     model.trainable_to_weights()
     return norms, False
@@ -286,9 +286,9 @@ def stream_scale(model, prompts: list[list[int]], layers) -> torch.Tensor:
         return hook
 
     hooks = [block.register_forward_hook(record(i)) for i, block in enumerate(model.layers)]
-    ids = torch.zeros(1, 1, dtype=torch.long) if isinstance(model.adapter, adapters.Population) else None  # 0: none
     device = model.embed_tokens.weight.device
-    ids = None if ids is None else ids.to(device)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device) if isinstance(model.adapter, adapters.Population) \
+        else None  # a population's row 0: no vector
     saved, model.steering_scale = model.steering_scale, 0.0  # the base model's stream, whatever the vectors hold
     try:
         with torch.no_grad():
