@@ -19,6 +19,9 @@ constant in the gradient. Z is the normalisation, one of:
     sequence  each sequence's sum is first divided by its own length; Z = number of sequences
     constant  Z = number of sequences * completion budget (Dr. GRPO: a length-independent constant)
 
+The rewards may be shaped by length first (DAPO's soft overlong punishment, overlong_penalty): a
+completion in the last B tokens of its budget loses reward linearly, down to -1 at the budget.
+
 A step is processed in micro-batches, possibly on many ranks, so Z always describes the
 *whole* step and is passed in: the micro-batch losses (and gradients) then simply add up.
 """
@@ -43,6 +46,12 @@ def advantages(rewards: torch.Tensor) -> torch.Tensor:
     # a group whose rewards are all equal carries no signal: make that exactly 0, not 1e-17
     flat = (rewards == rewards[:, :1]).all(1, keepdim=True)
     return torch.where(flat, torch.zeros_like(adv), adv).float()
+
+
+def overlong_penalty(length: int, budget: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment, added to a completion's reward: 0 up to budget - buffer
+    tokens, then falling linearly to -1 at the budget (where the sampler cuts it)."""
+    return -min(max(length - (budget - buffer), 0) / buffer, 1.0)
 
 
 def truncated_is_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:

@@ -100,6 +100,17 @@ def sample(sampler, task: Task, cfg: TrainConfig, step: int, work: list[tuple[Me
     return out
 
 
+def rewards_of(task: Task, cfg: TrainConfig, completions, owners: list[int]) -> tuple[list[float], list[float]]:
+    """The task's rewards and correctness (1 / 0) of the completions (owners: each one's prompt index),
+    the rewards shaped by --overlong-buffer's length penalty (the correctness is not)."""
+    rewards, correct = task.reward([comp.tokens for comp in completions], owners)
+    if cfg.overlong_buffer:
+        budgets = [completion_budget(len(task.prompts[i]), cfg.max_new_tokens, cfg.max_len) for i in owners]
+        rewards = [r + rloo.overlong_penalty(len(comp.tokens), b, cfg.overlong_buffer)
+                   for r, comp, b in zip(rewards, completions, budgets, strict=True)]
+    return rewards, correct
+
+
 def fresh_groups(run, step: int, round_: int, missing: int) -> list[Group]:
     """--dynamic-sampling's draws (rollout_groups.refill): `missing` prompts at random from the
     training set, seeded by (seed, step, rank, round) and sampled under prompt offsets past the
@@ -109,7 +120,7 @@ def fresh_groups(run, step: int, round_: int, missing: int) -> list[Group]:
     indices = torch.randint(len(task.prompts), (missing,), generator=gen).tolist()
     offset = cfg.prompts_per_step * (round_ + 1) + c.rank * (cfg.prompts_per_step // c.world)
     completions = sample(run.sampler, task, cfg, step, [(run.members[0], indices)], offset)[0]
-    rewards, _ = task.reward([comp.tokens for comp in completions], [i for i in indices for _ in range(cfg.rollouts)])
+    rewards, _ = rewards_of(task, cfg, completions, [i for i in indices for _ in range(cfg.rollouts)])
     return as_groups([task.prompts[i] for i in indices], completions,
                      rloo.advantages(torch.tensor(rewards).view(missing, cfg.rollouts)), cfg.overlong_filter)
 
@@ -422,7 +433,7 @@ def rl_step(run: Run, step: int) -> tuple[list[dict], list[list[dict]] | None]:
     cluster.synchronize(c.device)
     t1 = time.perf_counter()
     owners = [i for _, indices in work for i in indices for _ in range(N)]  # each rollout's prompt
-    all_rewards, all_correct = task.reward([comp.tokens for cs in completions for comp in cs], owners)
+    all_rewards, all_correct = rewards_of(task, cfg, [comp for cs in completions for comp in cs], owners)
     size = per_rank * N
     rewards = [all_rewards[k * size:(k + 1) * size] for k in range(len(work))]
     correct = [all_correct[k * size:(k + 1) * size] for k in range(len(work))]

@@ -73,6 +73,10 @@ class TrainConfig:
     overlong_filter: bool = _opt(False, "DAPO's overlong filtering: a rollout cut by the completion budget gets no "
                                  "gradient (advantage 0) and its tokens leave the token-mean normaliser, so length "
                                  "is not punished as wrongness. Off = the paper's (truncated = wrong)")
+    overlong_buffer: int = _opt(0, "DAPO's soft overlong punishment: a completion in the last B tokens of its "
+                                "budget loses reward linearly with its length, down to -1 at the budget, so length "
+                                "is pushed back before it truncates; the logged accuracy is not shaped. 0 = off "
+                                "(the paper's)")
     tis_cap: float = _opt(0.0, "truncated importance sampling: weight each token's log-prob in the loss by "
                           "min(pi_train / pi_sampler, C), correcting the sampler/trainer gap (logprob_gap; bf16, "
                           "CUDA graphs). 0 = off (the paper's); Yao et al. use C = 2")
@@ -361,6 +365,10 @@ def check_config(cfg: TrainConfig, world: int):
         problems.append(f"--reward {cfg.reward!r}: use pm1 or 01")
     if cfg.dynamic_sampling < 0:
         problems.append(f"--dynamic-sampling {cfg.dynamic_sampling}: extra rounds per step, >= 0")
+    budget = cfg.max_new_tokens or cfg.max_len
+    if not 0 <= cfg.overlong_buffer < budget:
+        problems.append(f"--overlong-buffer {cfg.overlong_buffer}: tokens at the end of the completion budget "
+                        f"({budget}), in [0, {budget})")
     if not (cfg.tis_cap == 0 or 1 <= cfg.tis_cap < math.inf):
         problems.append(f"--tis-cap {cfg.tis_cap}: 0 (off) or a finite cap >= 1")
     if cfg.max_prompt_len >= cfg.max_len:

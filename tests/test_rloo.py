@@ -69,6 +69,13 @@ def test_micro_batch_losses_add_up_to_the_step_loss(norm):
     torch.testing.assert_close(parts, full)
 
 
+def test_overlong_penalty_hand_computed():
+    """DAPO's soft overlong punishment, budget 512, buffer 128: nothing up to 384 tokens, then
+    linear (-1/128 a token) down to -1 at the budget itself."""
+    got = [rloo.overlong_penalty(n, 512, 128) for n in (0, 300, 384, 385, 448, 511, 512)]
+    assert got == pytest.approx([0, 0, 0, -1 / 128, -0.5, -127 / 128, -1])
+
+
 def test_truncated_importance_weights_hand_computed():
     """w = min(pi_train / pi_sampler, C) per token, constant in the gradient: a token the sampler
     found half as likely as the trainer counts 2x (capped at C = 1.5), one it found twice as

@@ -118,7 +118,8 @@ def test_the_baselines_learn_the_quickstart(tmp_path, adapter):
     ("--seeds", "1,2,3 --lrs 0.1,0.2", "--lrs gives 2 learning rates and --seeds 3 seeds"),
     ("--seeds", "1,2 --adapter lora", "--adapter lora trains one adapter per run"),
     ("--layer-lr", "depth", "--layer-lr 'depth': use uniform or stream"),
-    ("--layer-lr", "stream --adapter full", "--adapter full has none")])
+    ("--layer-lr", "stream --adapter full", "--adapter full has none"),
+    ("--overlong-buffer", "8 --max-new-tokens 8", "--overlong-buffer 8: tokens at the end of the completion budget (8)")])
 def test_a_number_that_cannot_work_is_one_line_before_anything_loads(tmp_path, flag, value, says):
     """Each refused as a user does it: exit 2, one line naming the flag and its rule, no run directory
     made (nothing loaded or written first)."""
@@ -147,6 +148,24 @@ def test_overlong_filter_gives_no_gradient_when_every_rollout_is_truncated(tmp_p
     assert not steering(tmp_path / "on").any()
     check(run([*SMALL, "--max-steps", "2", "--out-dir", str(tmp_path / "off")]))
     assert steering(tmp_path / "off").any()
+
+
+def test_overlong_buffer_shapes_each_reward_by_its_own_budget(train_module):
+    """--overlong-buffer 4, --max-new-tokens 10, --max-len 16: prompt 0 (4 tokens) may take 10 tokens,
+    prompt 1 (10 tokens) only 6: 6 tokens cost prompt 0's rollout nothing (6 <= 10 - 4), 5 tokens cost
+    prompt 1's 3/4 of a point (3 into its buffer, tokens 2..6), either budget reached costs 1; correctness
+    is not shaped."""
+    from types import SimpleNamespace
+    task = train_module.Task(name="len", prompts=[[1] * 4, [1] * 10], answers=None, stop_token_ids=[],
+                             vocab_size=None, skipped_prompts=0,
+                             reward=lambda completions, owners: ([1.0] * len(owners), [1.0] * len(owners)))
+    comps = [SimpleNamespace(tokens=[2] * n) for n in (6, 10, 5, 6, 2)]
+    owners = [0, 0, 1, 1, 1]
+    cfg = train_module.TrainConfig(task="toy", max_new_tokens=10, max_len=16, overlong_buffer=4)
+    rewards, correct = train_module.rewards_of(task, cfg, comps, owners)
+    assert rewards == pytest.approx([1, 0, 1 / 4, 0, 1]) and correct == [1.0] * 5
+    off = train_module.TrainConfig(task="toy", max_new_tokens=10, max_len=16)
+    assert train_module.rewards_of(task, off, comps, owners) == ([1.0] * 5, [1.0] * 5)
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
