@@ -365,7 +365,7 @@ def check_config(cfg: TrainConfig, world: int):
         problems.append(f"--reward {cfg.reward!r}: use pm1 or 01")
     if cfg.dynamic_sampling < 0:
         problems.append(f"--dynamic-sampling {cfg.dynamic_sampling}: extra rounds per step, >= 0")
-    budget = cfg.max_new_tokens or cfg.max_len
+    budget = rl_task.completion_budget(0, cfg.max_new_tokens, cfg.max_len)  # the most any completion may take
     if not 0 <= cfg.overlong_buffer < budget:
         problems.append(f"--overlong-buffer {cfg.overlong_buffer}: tokens at the end of the completion budget "
                         f"({budget}), in [0, {budget})")
